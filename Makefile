@@ -1,0 +1,48 @@
+# drsft — two commands on a fresh machine:  make repro   and   make test
+#
+# Install recipe (why it looks like this):
+# * torch is installed FIRST and pinned (TORCH, default the CPU build 2.13.0 that lies on this
+#   workplace's disk). Every later requirement (transformers, deepspeed, accelerate, ...) then
+#   finds torch satisfied; a plain `torch` requirement on a fresh venv would pull GBs of CUDA wheels.
+# * DeepSpeed ships as an sdist whose setup.py imports torch. pip's default build isolation would
+#   install a second, CUDA torch into the throw-away build env; `--no-build-isolation` makes it
+#   build against the torch already in the venv. DS_BUILD_OPS=0 (the default, set explicitly)
+#   compiles no CUDA/C++ ops at install time: on CPU we use torch's AdamW and gloo, so none are
+#   needed; on GPUs DeepSpeed JIT-compiles the ops it needs on first use.
+# * pip reads the machine's pip.conf (local wheel folders/constraints) when present.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.drsft-installed
+
+.PHONY: install repro test test-fast bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH)"
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.16"
+	$(PIP) install -q -e ".[dev]"
+	$(PY) -c "import torch, deepspeed, transformers, dvc, math_verify; print('torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
+	touch $@
+
+repro: install
+	$(VENV)/bin/dvc repro
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q tests -m "not slow"
+
+bench: install
+	$(PY) bench/sample_bench.py
+	$(PY) bench/verify_bench.py
+
+clean-venv:
+	rm -rf $(VENV)
