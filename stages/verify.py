@@ -1,0 +1,97 @@
+"""verify: judge every sampled response against its problem's reference answer (math-verify).
+
+Reads the problems (``id``, ``answer``) and the sample shards; writes one verdict per sample
+(docs/records.md) and the stage metrics.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+
+import click  # noqa: E402
+
+from drsft.io import DataError, iter_jsonl, require, write_json, write_jsonl  # noqa: E402
+from drsft.params import load_params, section  # noqa: E402
+from drsft.stage import clear_errors, log  # noqa: E402
+from drsft.verify import REASONS, verify_batch  # noqa: E402
+
+
+def read_problems(path: Path) -> dict[str, str]:
+    answers: dict[str, str] = {}
+    for line, rec in iter_jsonl(path):
+        pid = require(rec, "id", path, line)
+        if pid in answers:
+            raise DataError(path, line, f"duplicate id {pid!r}", "id")
+        answers[pid] = require(rec, "answer", path, line)
+    return answers
+
+
+def read_samples(folder: Path, answers: dict[str, str]) -> list[dict]:
+    files = sorted(folder.glob("shard-*.jsonl"))
+    if not files:
+        raise DataError(folder, None, "no shard-*.jsonl files: run the sample stage first")
+    samples, seen = [], {}
+    for f in files:
+        for line, rec in iter_jsonl(f):
+            pid = require(rec, "problem_id", f, line)
+            idx = require(rec, "sample_index", f, line, kind=int)
+            response = require(rec, "response", f, line, nonempty=False)
+            if pid not in answers:
+                raise DataError(f, line, f"unknown problem {pid!r} (not in the problems file)", "problem_id")
+            key = (pid, idx)
+            if key in seen:
+                raise DataError(f, line, f"duplicate sample {key} (first in {seen[key]})", "sample_index")
+            seen[key] = f"{f.name}:{line}"
+            samples.append({"problem_id": pid, "sample_index": idx, "response": response})
+    return samples
+
+
+def summarize(rows: list[dict], seconds: float) -> dict:
+    """Stage metrics from verdict rows (pure)."""
+    per_problem: dict[str, list[bool]] = {}
+    for r in rows:
+        per_problem.setdefault(r["problem_id"], []).append(bool(r["correct"]))
+    counts = Counter(r["reason"] for r in rows)
+    n_prob = len(per_problem)
+    return {
+        "samples": len(rows),
+        "problems": n_prob,
+        "mean_solve_rate": sum(sum(v) / len(v) for v in per_problem.values()) / n_prob if n_prob else 0.0,
+        "pass_at_n": sum(any(v) for v in per_problem.values()) / n_prob if n_prob else 0.0,
+        "reasons": {k: counts.get(k, 0) for k in REASONS},
+        "verdicts_per_s": len(rows) / seconds if seconds > 0 else 0.0,
+        "seconds": seconds,
+    }
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--problems", default="data/prepare/train.jsonl", show_default=True)
+@click.option("--samples", default="data/sample", show_default=True)
+@click.option("--out", default="data/verify/verdicts.jsonl", show_default=True)
+@click.option("--metrics", default="metrics/verify.json", show_default=True)
+@clear_errors
+def main(params_path, problems, samples, out, metrics):
+    cfg = section(load_params(params_path), "verify")
+    answers = read_problems(Path(problems))
+    todo = read_samples(Path(samples), answers)
+    t0 = time.perf_counter()
+    verdicts = verify_batch([(s["response"], answers[s["problem_id"]]) for s in todo],
+                            workers=int(cfg["workers"]), timeout_s=float(cfg["timeout_s"]))
+    seconds = time.perf_counter() - t0
+    rows = [{"problem_id": s["problem_id"], "sample_index": s["sample_index"], "correct": v.correct,
+             "reason": v.reason, "extracted": v.extracted} for s, v in zip(todo, verdicts)]
+    write_jsonl(out, rows)
+    stats = summarize(rows, seconds)
+    write_json(metrics, stats)
+    log.info("verify: %d samples of %d problems, pass@n %.3f, mean solve rate %.3f, %s, %.0f verdicts/s",
+             stats["samples"], stats["problems"], stats["pass_at_n"], stats["mean_solve_rate"],
+             stats["reasons"], stats["verdicts_per_s"])
+
+
+if __name__ == "__main__":
+    main()
