@@ -1,0 +1,726 @@
+"""The rollout engine: sample n completions per prompt, with behaviour log-probabilities.
+
+One small interface, two backends::
+
+    backend = make_backend("hf", model_path, dtype="auto")
+    completions = backend.generate(prompts, SamplingParams(n=4, temperature=1.0), progress=True)
+    # completions[i][j]: Completion(text, token_ids, logprobs, finish_reason) of prompt i, sample j
+
+``prompts`` are rendered strings (:func:`drsft.prompts.render_prompt`) and are tokenized with
+:func:`drsft.prompts.encode_prompt`, exactly as scoring and training tokenize them.
+
+Behaviour log-probabilities (``Completion.logprobs``) are always those of the *model's own
+distribution at temperature 1, from the raw logits* -- not of the temperature/top-p processed
+distribution that the token was actually drawn from. This is the policy the trainer's importance
+weights refer to: re-scoring an on-policy response teacher-forced with
+:func:`drsft.scoring.score_responses` gives the same numbers (tested to |w - 1| < 1e-4).
+
+``token_ids`` hold the generated ids, the EOS token included (with its log-prob) when
+``finish_reason == "stop"``, and nothing after it (no padding). ``finish_reason`` is ``length``
+when ``max_new_tokens`` ran out first. ``text`` is the decode without special tokens.
+
+The resumable sharded runner :func:`run_sharded` (used by ``sample``, and reusable by any stage
+that turns a list of items into records in shards) lives here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drsft.io import DataError, dumps, read_json, read_jsonl, write_json, write_jsonl
+from drsft.prompts import encode_prompt
+
+log = logging.getLogger("drsft.rollout")
+
+BACKENDS = ("hf", "vllm")
+# Options every backend accepts, so callers can pass one dict whatever the backend; the ones a
+# backend has no use for are ignored (documented per backend).
+_COMMON_OPTS = {"device", "dtype", "trust_remote_code", "tensor_parallel_size", "gpu_memory_utilization",
+                "max_model_len", "enforce_eager", "attn_implementation"}
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. ``temperature == 0`` is greedy decoding (``top_p`` is then unused).
+
+    ``batch_size`` is the number of *sequences* (prompt x sample) per forward batch (hf backend).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        if int(self.n) < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if not float(self.temperature) >= 0.0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"SamplingParams.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+
+
+def make_backend(name: str, model_path: str, **opts):
+    """Build a rollout backend.
+
+    ``name``: ``hf`` (transformers, CPU or GPU) or ``vllm`` (GPU, the ``gpu`` extra).
+    ``model_path``: a model folder written by ``prepare`` (``models/base``: a full HF folder or a
+    ``reference.json``), or what :func:`drsft.models.resolve_model` returned for one.
+    ``opts``: any of ``device``, ``dtype`` (``auto``: bf16 on GPU, fp32 on CPU),
+    ``trust_remote_code``, ``tensor_parallel_size``, ``gpu_memory_utilization``,
+    ``max_model_len``, ``enforce_eager``, ``attn_implementation``; a backend ignores the ones it
+    has no use for, and an unknown option is an error.
+    """
+    unknown = sorted(set(opts) - _COMMON_OPTS)
+    if unknown:
+        raise TypeError(f"make_backend: unknown option(s) {unknown}; known: {sorted(_COMMON_OPTS)}")
+    if name == "hf":
+        return HFBackend.load(model_path, **opts)
+    if name == "vllm":
+        return VLLMBackend(model_path, **opts)
+    raise ValueError(f"unknown rollout backend {name!r}: expected one of {', '.join(BACKENDS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds
+
+
+def sequence_seed(seed: int, prompt: str, occurrence: int, sample_index: int) -> int:
+    """The 63-bit seed of one sequence: a hash of the run seed, the prompt *text*, which repeat of
+    that same text within the call it is (0 for the first), and the sample index."""
+    h = hashlib.sha256(f"drsft-rollout\0{int(seed)}\0{occurrence}\0{sample_index}\0".encode() + prompt.encode("utf-8"))
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _occurrences(prompts: Sequence[str]) -> list[int]:
+    seen: dict[str, int] = {}
+    occ = []
+    for p in prompts:
+        occ.append(seen.get(p, 0))
+        seen[p] = occ[-1] + 1
+    return occ
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+
+
+class _Progress:
+    """A tqdm bar over sequences, with generated tokens/s; ``progress`` may be a bar to reuse."""
+
+    def __init__(self, progress: Any, total: int, desc: str = "generate"):
+        self.bar = None
+        self.own = False
+        self.tokens = 0
+        self.start = time.perf_counter()
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True)
+            self.own = True
+        elif progress is not None and progress is not False and hasattr(progress, "update"):
+            self.bar = progress
+
+    def update(self, sequences: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is None:
+            return
+        # tokens/s over the bar's lifetime (a shared bar accumulates over generate calls)
+        total = getattr(self.bar, "drsft_tokens", 0) + tokens
+        self.bar.drsft_tokens = total
+        self.bar.update(sequences)
+        elapsed = max(time.perf_counter() - getattr(self.bar, "drsft_start", self.start), 1e-9)
+        if not hasattr(self.bar, "drsft_start"):
+            self.bar.drsft_start = self.start
+        self.bar.set_postfix(tok_s=f"{total / elapsed:.0f}", refresh=False)
+
+    def close(self) -> None:
+        if self.own and self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# hf backend
+
+_PREALLOC_LAYER = None
+
+
+def _prealloc_layer_class():
+    """A transformers ``DynamicLayer`` that writes into a preallocated buffer instead of
+    concatenating a new tensor every step (``torch.cat`` of the whole cache per token is the
+    dominant cost of long batched decodes on CPU). Batch selection falls back to the parent's
+    indexing, after which the next update re-buffers. None if transformers has no such class."""
+    global _PREALLOC_LAYER
+    if _PREALLOC_LAYER is not None:
+        return _PREALLOC_LAYER
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return None
+
+    class PreallocLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = int(capacity)
+            self._kbuf = self._vbuf = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+            need = n + key_states.shape[-2]
+            buf = self._kbuf
+            if (buf is None or buf.shape[0] != key_states.shape[0] or buf.shape[-2] < need
+                    or (n and self.keys.data_ptr() != buf.data_ptr())):
+                cap = max(need, self.capacity)
+                shape = (*key_states.shape[:2], cap, key_states.shape[-1])
+                self._kbuf = key_states.new_empty(shape)
+                self._vbuf = value_states.new_empty((*value_states.shape[:2], cap, value_states.shape[-1]))
+                if n:
+                    self._kbuf[..., :n, :].copy_(self.keys)
+                    self._vbuf[..., :n, :].copy_(self.values)
+            self._kbuf[..., n:need, :].copy_(key_states)
+            self._vbuf[..., n:need, :].copy_(value_states)
+            self.keys = self._kbuf[..., :need, :]
+            self.values = self._vbuf[..., :need, :]
+            return self.keys, self.values
+
+    _PREALLOC_LAYER = PreallocLayer
+    return PreallocLayer
+
+
+def _prealloc_cache(model, capacity: int):
+    """A DynamicCache of preallocating layers for plain full-attention models, else None (the
+    model then builds its default cache)."""
+    layer_cls = _prealloc_layer_class()
+    if layer_cls is None:
+        return None
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        cache = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - any incompatibility: use the model's default cache
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    cache.layers = [layer_cls(capacity) for _ in layers]
+    return cache
+
+
+@dataclass
+class _Row:
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    seed: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "length"
+
+
+class HFBackend:
+    """Batched sampling with transformers: a hand-written decode loop over the model's KV cache.
+
+    - Sequences (prompt x sample) are sorted by prompt length (longest first) and cut into batches
+      of ``params.batch_size``; each batch is LEFT padded, with an attention mask and position ids
+      that skip the padding, so a prompt's computation does not depend on its batch neighbours
+      (up to float rounding of batched kernels).
+    - Each step computes the raw next-token logits once; the behaviour log-prob of the chosen
+      token is :func:`drsft.scoring.gather_logprobs` of the raw logits (T = 1), the token is drawn
+      from softmax(logits / T) restricted to the top-p nucleus by inverse-CDF sampling with one
+      pre-drawn uniform per step. Finished sequences (EOS) are dropped from the batch and the KV
+      cache (in bulk, once they are 1/8 of it), so long stragglers do not keep paying for finished
+      rows. The KV cache is preallocated for plain full-attention models (no per-step concat).
+    - Greedy (``temperature == 0``) decodes each prompt once and copies it ``n`` times.
+
+    Determinism: each sequence has its own random stream, seeded by :func:`sequence_seed` from
+    ``params.seed``, the prompt text, the repeat index of identical prompt texts, and the sample
+    index; the uniforms are drawn on the CPU in float64, so they are the same on any device.
+    Guaranteed: the same model, device, dtype, library versions, prompts and params give
+    bit-identical completions (tested on CPU). Not depending on position or on unrelated prompts:
+    a sequence's draws never depend on other prompts, but its logits can change by float rounding
+    (~1e-6 in fp32) when the batch composition or padding changes, so a token can differ only
+    when its uniform falls within that distance of a CDF boundary (or, greedy, on a near tie).
+    vLLM (another kernel stack) gives different samples for the same seed.
+    """
+
+    def __init__(self, model, tokenizer):
+        import torch
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_kw = "logits_to_keep" if "logits_to_keep" in params else (
+            "num_logits_to_keep" if "num_logits_to_keep" in params else None)
+        eos: set[int] = set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, tokenizer.eos_token_id):
+            if value is None:
+                continue
+            eos.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+        if not eos:
+            raise ValueError("HFBackend: neither the tokenizer nor the generation config names an EOS token")
+        self.eos_ids = eos
+        self._eos_tensor = torch.tensor(sorted(eos), device=self.device)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(eos))
+
+    @classmethod
+    def load(cls, model_path: str, device: str | None = None, dtype: str = "auto", trust_remote_code: bool = False,
+             attn_implementation: str | None = None, **ignored) -> HFBackend:
+        """Load from a model folder (or what resolve_model returned). vLLM-only options are ignored."""
+        from drsft.models import load_model, load_tokenizer
+
+        if attn_implementation:
+            log.info("attn_implementation=%s is left to transformers' default in the hf backend", attn_implementation)
+        tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        model = load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return cls(model, tok)
+
+    # -- public --------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str], params: SamplingParams, progress: Any = False) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order then sample order.
+
+        ``progress``: False, True (a tqdm bar over sequences with tokens/s), or an existing tqdm
+        bar to advance by finished sequences.
+        """
+        import torch
+
+        params.validate()
+        greedy = float(params.temperature) == 0.0
+        n_rows = 1 if greedy else int(params.n)
+        encoded: dict[str, list[int]] = {}
+        rows: list[_Row] = []
+        for pi, (prompt, occ) in enumerate(zip(prompts, _occurrences(prompts))):
+            if prompt not in encoded:
+                encoded[prompt] = encode_prompt(self.tokenizer, prompt)
+                if not encoded[prompt]:
+                    raise ValueError(f"prompt {pi} encodes to no tokens")
+            for si in range(n_rows):
+                rows.append(_Row(pi, si, encoded[prompt], sequence_seed(params.seed, prompt, occ, si)))
+        order = sorted(range(len(rows)), key=lambda r: (-len(rows[r].prompt_ids), r))
+        bar = _Progress(progress, total=len(prompts) * int(params.n))
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(order), int(params.batch_size)):
+                    batch = [rows[r] for r in order[start:start + int(params.batch_size)]]
+                    self._generate_batch(batch, params, greedy)
+                    bar.update(len(batch) * (int(params.n) if greedy else 1),
+                               sum(len(r.token_ids) for r in batch) * (int(params.n) if greedy else 1))
+        finally:
+            bar.close()
+
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for row in rows:  # rows are in (prompt, sample) order
+            text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+            copies = int(params.n) if greedy else 1
+            for _ in range(copies):
+                out[row.prompt_index].append(Completion(text, list(row.token_ids), list(row.logprobs),
+                                                        row.finish_reason))
+        return out
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": True}
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
+        if last_only and self._logits_kw:
+            kwargs[self._logits_kw] = 1
+        out = self.model(**kwargs)
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = getattr(out, "past_key_values", None)
+        return out.logits[:, -1, :], (new_cache if new_cache is not None else cache)
+
+    @staticmethod
+    def _select(cache, index):
+        if hasattr(cache, "batch_select_indices"):
+            cache.batch_select_indices(index)
+            return cache
+        # legacy tuple-of-tuples cache (remote-code models)
+        return tuple(tuple(t[index] for t in layer) for layer in cache)
+
+    def _pick(self, logits, uniforms, params: SamplingParams, greedy: bool):
+        """Choose the next token of each row; returns (tokens, raw T=1 log-probs)."""
+        import torch
+
+        from drsft.scoring import gather_logprobs
+
+        lf = logits.float()
+        if greedy:
+            tokens = lf.argmax(dim=-1)
+        else:
+            probs = torch.softmax(lf / float(params.temperature), dim=-1)
+            if float(params.top_p) < 1.0:
+                sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+                # keep the smallest prefix whose mass reaches top_p (the first token always)
+                keep = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < float(params.top_p)
+                weights = sorted_p * keep
+            else:
+                order, weights = None, probs
+            cdf = torch.cumsum(weights.double(), dim=-1)
+            target = uniforms.to(cdf.device) * cdf[:, -1]
+            idx = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+            # guard against rounding past the end: the last index with positive weight
+            positive = weights > 0
+            last_pos = positive.shape[-1] - 1 - positive.flip(-1).int().argmax(dim=-1)
+            idx = torch.minimum(idx, last_pos)
+            tokens = idx if order is None else order.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        return tokens, gather_logprobs(logits, tokens)
+
+    def _generate_batch(self, batch: list[_Row], params: SamplingParams, greedy: bool) -> None:
+        import torch
+
+        max_new = int(params.max_new_tokens)
+        b = len(batch)
+        length = max(len(r.prompt_ids) for r in batch)
+        ids = torch.full((b, length), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((b, length), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            attn[i, length - len(r.prompt_ids):] = 1
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        uniforms = None
+        if not greedy:
+            uniforms = torch.stack([torch.rand(max_new, generator=torch.Generator().manual_seed(r.seed),
+                                               dtype=torch.float64) for r in batch])
+        ids, attn, positions = ids.to(self.device), attn.to(self.device), positions.to(self.device)
+        cache = _prealloc_cache(self.model, length + max_new)
+        logits, cache = self._forward(ids, attn, positions, cache, last_only=True)
+        next_pos = positions[:, -1] + 1
+        alive = list(range(b))  # batch rows in the tensors, in tensor order
+        dead = [False] * b       # finished rows still in the tensors (dropped in bulk, see below)
+        for step in range(max_new):
+            u = None if uniforms is None else uniforms[alive, step]
+            tokens, lps = self._pick(logits, u, params, greedy)
+            is_eos = torch.isin(tokens, self._eos_tensor)
+            tok_l, lp_l, eos_l = tokens.tolist(), lps.tolist(), is_eos.tolist()
+            for j, bi in enumerate(alive):
+                if dead[j]:
+                    continue
+                row = batch[bi]
+                row.token_ids.append(tok_l[j])
+                row.logprobs.append(lp_l[j])
+                if eos_l[j]:
+                    row.finish_reason = "stop"
+                    dead[j] = True
+            n_dead = sum(dead)
+            if n_dead == len(alive) or step == max_new - 1:
+                break
+            # Drop finished rows from the batch and the cache once they are >= 1/8 of it: each
+            # drop copies the cache, each kept dead row costs its share of every step.
+            if n_dead * 8 >= len(alive):
+                keep = [j for j in range(len(alive)) if not dead[j]]
+                index = torch.tensor(keep, device=self.device)
+                cache = self._select(cache, index)
+                attn, next_pos, tokens = attn[index], next_pos[index], tokens[index]
+                alive = [alive[j] for j in keep]
+                dead = [False] * len(alive)
+            attn = torch.cat([attn, attn.new_ones((len(alive), 1))], dim=1)
+            logits, cache = self._forward(tokens.unsqueeze(-1), attn, next_pos.unsqueeze(-1), cache, last_only=False)
+            next_pos = next_pos + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# vllm backend
+
+
+class VLLMBackend:
+    """vLLM offline inference (GPU). UNRUN on the development machine (CPU only, no vllm): the
+    code follows the vLLM API (``vllm.LLM`` / ``vllm.SamplingParams``, V1 engine; needs a vLLM with the
+    ``logprobs_mode`` engine option, 0.10.2 or later).
+
+    Behaviour log-probs: vLLM's engine option ``logprobs_mode`` chooses what ``logprobs`` hold:
+    ``raw_logprobs`` (log-softmax of the model's raw logits, before temperature, top-k/top-p and
+    other logit processors), ``processed_logprobs`` (after them), or the ``*_logits`` variants.
+    We pass ``logprobs_mode="raw_logprobs"`` explicitly, the T=1 distribution of the model that
+    our importance weights need, and ``SamplingParams(logprobs=0)`` so that only the sampled
+    token's log-prob is returned. Older vLLM without that option is rejected with a clear error
+    (its default V0 sampler returned processed log-probs).
+
+    Prompts are passed as token ids (``encode_prompt``) so that vLLM sees exactly the tokens that
+    scoring and training use. Each prompt gets its own request seed (:func:`sequence_seed` of
+    the prompt text, sample index 0), so samples do not depend on other prompts in the call;
+    vLLM's kernels differ from transformers', so they differ from the hf backend's samples.
+    ``device`` and ``attn_implementation`` are ignored.
+    """
+
+    def __init__(self, model_path: str, dtype: str = "auto", trust_remote_code: bool = False,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, enforce_eager: bool = False, **ignored):
+        try:
+            import vllm
+        except ImportError as exc:
+            raise ImportError(
+                "rollout backend 'vllm' needs the vllm package, which is not installed: install the GPU extra "
+                "on a CUDA machine with `pip install 'drsft[gpu]'`, or set rollout.backend: hf") from exc
+        from drsft.models import load_tokenizer, resolve_model
+
+        target = resolve_model(model_path) if Path(model_path).is_dir() else str(model_path)
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        self.eos_ids = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
+        kwargs = dict(model=target, dtype="auto" if dtype in (None, "auto") else dtype,
+                      trust_remote_code=trust_remote_code, tensor_parallel_size=int(tensor_parallel_size),
+                      gpu_memory_utilization=float(gpu_memory_utilization), seed=0,
+                      logprobs_mode="raw_logprobs", enforce_eager=bool(enforce_eager))
+        if max_model_len:
+            kwargs["max_model_len"] = int(max_model_len)
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except TypeError as exc:
+            if "logprobs_mode" in str(exc):
+                raise RuntimeError("this vLLM has no logprobs_mode option (raw log-probs); vLLM >= 0.10.2 "
+                                   "is needed") from exc
+            raise
+        self._vllm = vllm
+
+    def generate(self, prompts: list[str], params: SamplingParams, progress: Any = False) -> list[list[Completion]]:
+        params.validate()
+        if not prompts:
+            return []
+        greedy = float(params.temperature) == 0.0
+        inputs, sps = [], []
+        for prompt, occ in zip(prompts, _occurrences(prompts)):
+            inputs.append({"prompt_token_ids": encode_prompt(self.tokenizer, prompt)})
+            sps.append(self._vllm.SamplingParams(
+                n=1 if greedy else int(params.n), temperature=float(params.temperature), top_p=1.0 if greedy else float(params.top_p),
+                max_tokens=int(params.max_new_tokens), seed=sequence_seed(params.seed, prompt, occ, 0),
+                logprobs=0, skip_special_tokens=True))
+        outputs = self.llm.generate(inputs, sampling_params=sps, use_tqdm=progress is True)
+        bar = _Progress(progress if progress is not True else False, total=len(prompts) * int(params.n))
+        result: list[list[Completion]] = []
+        for i, out in enumerate(outputs):
+            comps = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = [int(t) for t in c.token_ids]
+                if c.logprobs is None or len(c.logprobs) != len(ids):
+                    raise RuntimeError(f"vLLM returned no per-token logprobs for prompt {i}")
+                lps = [float(c.logprobs[k][t].logprob) for k, t in enumerate(ids)]
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM request {i} finished with {c.finish_reason!r}")
+                comps.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, lps,
+                                        c.finish_reason))
+            if greedy:  # one greedy decode, copied n times (as the hf backend does)
+                comps = [Completion(comps[0].text, list(comps[0].token_ids), list(comps[0].logprobs),
+                                    comps[0].finish_reason) for _ in range(int(params.n))]
+            result.append(comps)
+        bar.update(len(prompts) * int(params.n), sum(len(c.token_ids) for cs in result for c in cs))
+        return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable sharded runs
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys)."""
+    return hashlib.sha256(dumps(obj).encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+_BIG_FILE = 256 << 20
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> dict:
+    """What identifies a model folder written by ``prepare`` (or a hub id / other path).
+
+    Files up to 256 MiB are hashed in full; bigger ones (real-scale weights) by name, size and
+    the sha256 of their first and last MiB, which identifies a checkpoint without reading tens of
+    GB. ``models/base`` at real scale holds only ``reference.json``, hashed in full.
+    """
+    path = Path(model_dir)
+    if not path.exists():
+        return {"reference": str(model_dir)}
+    if path.is_file():
+        return {"file": file_sha256(path)}
+    files = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if any(part.startswith(".") for part in f.relative_to(path).parts):
+            continue
+        size = f.stat().st_size
+        if size <= _BIG_FILE:
+            files[rel] = file_sha256(f)
+        else:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read(1 << 20))
+            files[rel] = f"size={size};ends={h.hexdigest()}"
+    return {"files": files}
+
+
+@dataclass
+class ShardRun:
+    """What :func:`run_sharded` did."""
+
+    paths: list[Path]
+    resumed: list[int]      # shard indices reused from an earlier run
+    generated: list[int]    # shard indices written by this run
+    records_written: int    # records written by this run
+    seconds: float          # time spent in ``process`` by this run
+
+
+MANIFEST = "manifest.json"
+_SHARD_GLOB = "shard-*.jsonl"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.jsonl"
+
+
+def _clean(out: Path, keep: int | None) -> None:
+    """Delete shard files (all, or those with index >= keep) and temp files of killed writes."""
+    for f in out.glob(_SHARD_GLOB):
+        try:
+            idx = int(f.stem.split("-", 1)[1])
+        except ValueError:
+            idx = -1
+        if keep is None or idx < 0 or idx >= keep:
+            f.unlink()
+    for f in out.glob(".shard-*.tmp"):
+        f.unlink()
+
+
+def run_sharded(items: Sequence[Any], out_dir: str | os.PathLike, shard_size: int, inputs: Any,
+                process: Callable[[list[Any]], list[dict]],
+                validate: Callable[[list[Any], list[dict]], None] | None = None,
+                on_start: Callable[[list[int], list[int]], None] | None = None) -> ShardRun:
+    """Turn ``items`` into records in ``out_dir/shard-00000.jsonl``, ..., resumably.
+
+    Shard ``i`` holds ``process(items[i*shard_size:(i+1)*shard_size])``, written atomically.
+    ``inputs`` is anything JSON-serialisable that determines the output (params, input file
+    hashes, model fingerprint, ...). Its hash and the shard layout go to ``out_dir/manifest.json``.
+    On start, if the manifest is missing or differs, every old shard is deleted (stale results of
+    other params/inputs are never reused); otherwise shards that exist and pass ``validate(items,
+    records)`` (which raises :class:`DataError` or ``ValueError`` to reject) are kept and only the
+    missing or rejected ones are generated. Temp files of killed writes are removed. ``process``
+    must be deterministic for resumed output to equal a fresh run's. ``on_start(resumed, todo)``
+    (shard indices) is called once before any ``process`` call, e.g. to size a progress bar.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(items) + shard_size - 1) // shard_size
+    manifest = {"fingerprint": fingerprint(inputs), "inputs": inputs, "shard_size": int(shard_size),
+                "n_items": len(items), "n_shards": n_shards, "shards": [shard_name(i) for i in range(n_shards)]}
+    manifest_path = out / MANIFEST
+    old = None
+    if manifest_path.exists():
+        with contextlib.suppress(DataError):
+            old = read_json(manifest_path)
+    same = isinstance(old, dict) and all(old.get(k) == manifest[k] for k in ("fingerprint", "shard_size", "n_items"))
+    if not same:
+        if any(out.glob(_SHARD_GLOB)):
+            log.info("%s: inputs changed since the last run (or no manifest): deleting old shards", out)
+        _clean(out, keep=None)
+    else:
+        _clean(out, keep=n_shards)
+    write_json(manifest_path, manifest)
+
+    paths, resumed, todo = [], [], []
+    for i in range(n_shards):
+        path = out / shard_name(i)
+        paths.append(path)
+        chunk = list(items[i * shard_size:(i + 1) * shard_size])
+        if path.exists():
+            try:
+                records = read_jsonl(path)
+                if validate is not None:
+                    validate(chunk, records)
+                resumed.append(i)
+                continue
+            except (DataError, ValueError) as exc:
+                log.warning("%s: rejected, regenerating (%s)", path, exc)
+                path.unlink()
+        todo.append(i)
+    if resumed:
+        log.info("%s: resuming: %d of %d shards already done", out, len(resumed), n_shards)
+    if on_start is not None:
+        on_start(list(resumed), list(todo))
+
+    written, seconds = 0, 0.0
+    for i in todo:
+        chunk = list(items[i * shard_size:(i + 1) * shard_size])
+        t0 = time.perf_counter()
+        records = process(chunk)
+        seconds += time.perf_counter() - t0
+        if validate is not None:
+            try:
+                validate(chunk, records)
+            except ValueError as exc:
+                raise RuntimeError(f"{paths[i]}: process() returned invalid records: {exc}") from exc
+        written += write_jsonl(paths[i], records)
+        log.info("%s: wrote %s (%d records)", out, paths[i].name, len(records))
+    return ShardRun(paths=paths, resumed=resumed, generated=todo, records_written=written, seconds=seconds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample records (docs/records.md "Sample")
+
+SAMPLE_FIELDS = ("problem_id", "sample_index", "prompt", "response", "response_ids", "logprobs", "finish_reason")
+
+
+def sample_records(problem_ids: Sequence[str], prompts: Sequence[str],
+                   completions: Sequence[Sequence[Completion]]) -> list[dict]:
+    """Sample records, problem by problem then sample by sample."""
+    return [{"problem_id": pid, "sample_index": j, "prompt": prompt, "response": c.text,
+             "response_ids": list(c.token_ids), "logprobs": list(c.logprobs), "finish_reason": c.finish_reason}
+            for pid, prompt, comps in zip(problem_ids, prompts, completions) for j, c in enumerate(comps)]
+
+
+def check_sample_records(problem_ids: Sequence[str], n: int, records: Sequence[dict]) -> None:
+    """Raise ValueError unless ``records`` are exactly samples 0..n-1 of each problem, well formed."""
+    expected = [(pid, j) for pid in problem_ids for j in range(n)]
+    got = []
+    for k, rec in enumerate(records):
+        missing = [f for f in SAMPLE_FIELDS if f not in rec]
+        if missing:
+            raise ValueError(f"record {k + 1} lacks field(s) {missing}")
+        ids, lps = rec["response_ids"], rec["logprobs"]
+        if not isinstance(ids, list) or not isinstance(lps, list) or len(ids) != len(lps):
+            raise ValueError(f"record {k + 1}: response_ids and logprobs must be lists of equal length")
+        if rec["finish_reason"] not in ("stop", "length"):
+            raise ValueError(f"record {k + 1}: finish_reason {rec['finish_reason']!r}")
+        got.append((rec["problem_id"], rec["sample_index"]))
+    if got != expected:
+        raise ValueError(f"expected samples 0..{n - 1} of {len(problem_ids)} problems in order, "
+                         f"got {len(got)} records")

@@ -1,0 +1,113 @@
+"""Teacher-forced log-probabilities: the one computation shared by sampling, scoring and training.
+
+``gather_logprobs`` is the only place where logits become per-token log-probabilities. The hf
+rollout backend records behaviour log-probs with it, :func:`score_responses` re-scores
+responses with it, and the trainer computes its losses with it, so all three agree to float
+rounding (the importance weight of an on-policy token is 1 up to ~1e-6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from drsft.prompts import encode_prompt
+
+
+def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[..., label]`` computed in fp32, at temperature 1.
+
+    ``logits``: ``[..., V]`` (any float dtype; upcast to fp32), ``labels``: ``[...]`` integer ids.
+    Returns fp32 ``[...]``. Labels < 0 (e.g. the ``-100`` ignore index) give 0.0. Differentiable.
+    Computed as ``logit[label] - logsumexp(logits)``; inputs with 3+ dims go one leading row
+    (sequence) at a time, so the transient fp32 copy of the logits is one sequence, not the whole
+    batch (matters for bf16 logits of a 150k vocabulary).
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"gather_logprobs: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    valid = labels >= 0
+    safe = labels.clamp(min=0).long()
+    if logits.dim() <= 2:
+        lf = logits.float()
+        out = lf.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lf, dim=-1)
+    else:
+        rows = []
+        for row_logits, row_labels in zip(logits, safe):
+            lf = row_logits.float()
+            rows.append(lf.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lf, dim=-1))
+        out = torch.stack(rows) if rows else logits.new_zeros(labels.shape, dtype=torch.float32)
+    return out.masked_fill(~valid, 0.0)
+
+
+def _device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def score_responses(model, tokenizer, prompts: Sequence[str], response_ids: Sequence[Sequence[int]],
+                    batch_size: int = 32) -> list[list[float]]:
+    """Per-response-token log-probs at temperature 1, teacher-forced, no grad.
+
+    For each pair the input is ``encode_prompt(tokenizer, prompt) + response_ids``; the result
+    holds, for each response token, ``log p(token | prompt, previous response tokens)`` (an empty
+    response gives ``[]``). Pairs are sorted by length and batched (``batch_size`` sequences,
+    right padding with an attention mask), then returned in the input order. The model's
+    train/eval mode is restored afterwards (it is put in eval mode for scoring).
+    """
+    if len(prompts) != len(response_ids):
+        raise ValueError(f"score_responses: {len(prompts)} prompts but {len(response_ids)} responses")
+    if batch_size < 1:
+        raise ValueError(f"score_responses: batch_size must be >= 1, got {batch_size}")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded: dict[str, list[int]] = {}
+    seqs: list[tuple[list[int], list[int]]] = []
+    for i, (prompt, resp) in enumerate(zip(prompts, response_ids)):
+        if prompt not in encoded:
+            encoded[prompt] = encode_prompt(tokenizer, prompt)
+        pids = encoded[prompt]
+        resp = [int(t) for t in resp]
+        if not pids:
+            raise ValueError(f"score_responses: prompt {i} encodes to no tokens")
+        bad = [t for t in resp if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"score_responses: response {i} has token ids outside the vocabulary (size {vocab}): {bad[:5]}")
+        seqs.append((pids, resp))
+
+    out: list[list[float] | None] = [None] * len(seqs)
+    todo = [i for i, (_, r) in enumerate(seqs) if r]
+    for i, (_, r) in enumerate(seqs):
+        if not r:
+            out[i] = []
+    todo.sort(key=lambda i: (-(len(seqs[i][0]) + len(seqs[i][1])), i))
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            length = max(len(seqs[i][0]) + len(seqs[i][1]) for i in chunk)
+            ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+            attn = torch.zeros((len(chunk), length), dtype=torch.long)
+            labels = torch.full((len(chunk), length), -100, dtype=torch.long)
+            for row, i in enumerate(chunk):
+                p, r = seqs[i]
+                n = len(p) + len(r)
+                ids[row, :n] = torch.tensor(p + r)
+                attn[row, :n] = 1
+                labels[row, len(p):n] = torch.tensor(r)
+            positions = torch.arange(length).unsqueeze(0).expand(len(chunk), -1)
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                           position_ids=positions.to(device), use_cache=False).logits
+            # position t predicts token t+1
+            lp = gather_logprobs(logits[:, :-1], labels[:, 1:].to(device)).cpu()
+            for row, i in enumerate(chunk):
+                p, r = seqs[i]
+                out[i] = lp[row, len(p) - 1:len(p) - 1 + len(r)].tolist()
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,126 @@
+"""sample: n model solutions per training problem, with behaviour log-probs, in resumable shards.
+
+Reads ``data/prepare/train.jsonl`` and ``models/base``; params ``sample``, ``rollout``, ``prompt``
+and ``model``. Writes ``data/sample/shard-00000.jsonl``, ... (``sample.shard_size`` problems per
+shard, records per docs/records.md "Sample"), ``data/sample/manifest.json`` and
+``metrics/sample.json``. A killed run resumes from its finished shards (the folder is
+``persist: true`` in dvc.yaml); shards of other params/inputs are deleted, never reused.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import click  # noqa: E402
+
+from drsft.io import DataError, check_unique_ids, iter_jsonl, read_jsonl, require, write_json  # noqa: E402
+from drsft.models import load_tokenizer  # noqa: E402
+from drsft.params import ParamsError, load_params, section  # noqa: E402
+from drsft.prompts import render_prompt  # noqa: E402
+from drsft.rollout import (SamplingParams, check_sample_records, file_sha256, make_backend,  # noqa: E402
+                           model_fingerprint, run_sharded, sample_records)
+from drsft.stage import clear_errors, log  # noqa: E402
+
+
+def load_problems(path) -> list[dict]:
+    rows = list(iter_jsonl(path))
+    for line, rec in rows:
+        require(rec, "id", path, line)
+        require(rec, "problem", path, line)
+    check_unique_ids(rows, path)
+    if not rows:
+        raise DataError(path, None, "no problems")
+    return [rec for _, rec in rows]
+
+
+def sampling_params(cfg: dict, roll: dict) -> SamplingParams:
+    try:
+        sp = SamplingParams(n=int(cfg["n"]), temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
+                            max_new_tokens=int(cfg["max_new_tokens"]), seed=int(cfg["seed"]),
+                            batch_size=int(roll["batch_size"]))
+        sp.validate()
+    except KeyError as exc:
+        raise ParamsError(f"params.yaml: missing key {exc.args[0]!r} in section 'sample' or 'rollout'") from None
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"params.yaml: sample/rollout: {exc}") from None
+    return sp
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--problems", default="data/prepare/train.jsonl", show_default=True)
+@click.option("--model", "model_dir", default="models/base", show_default=True)
+@click.option("--out", default="data/sample", show_default=True)
+@click.option("--metrics", default="metrics/sample.json", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@clear_errors
+def main(params_path, problems, model_dir, out, metrics, progress):
+    params = load_params(params_path)
+    cfg, roll, prompt_cfg = section(params, "sample"), section(params, "rollout"), section(params, "prompt")
+    trust = bool(section(params, "model").get("trust_remote_code", False))
+    sp = sampling_params(cfg, roll)
+    shard_size = int(cfg["shard_size"])
+    if shard_size < 1:
+        raise ParamsError(f"params.yaml: sample.shard_size must be >= 1, got {shard_size}")
+    items = load_problems(problems)
+    tok = load_tokenizer(model_dir, trust_remote_code=trust)
+    prompts = {p["id"]: render_prompt(tok, p["problem"], prompt_cfg) for p in items}
+    inputs = {"sample": cfg, "rollout": roll, "prompt": prompt_cfg, "trust_remote_code": trust,
+              "problems_sha256": file_sha256(problems), "model": model_fingerprint(model_dir)}
+
+    state = {"backend": None, "bar": None, "tokens": 0}
+
+    def on_start(resumed, todo):
+        if not todo:
+            return  # everything resumed: the model is not even loaded
+        state["backend"] = make_backend(
+            roll.get("backend", "hf"), model_dir, dtype=roll.get("dtype", "auto"), trust_remote_code=trust,
+            tensor_parallel_size=int(roll.get("tensor_parallel_size", 1)),
+            gpu_memory_utilization=float(roll.get("gpu_memory_utilization", 0.9)))
+        if progress:
+            from tqdm.auto import tqdm
+
+            n_seq = sum(len(items[i * shard_size:(i + 1) * shard_size]) for i in todo) * sp.n
+            state["bar"] = tqdm(total=n_seq, desc="sample", unit="seq", dynamic_ncols=True)
+
+    def process(chunk):
+        ids = [p["id"] for p in chunk]
+        comps = state["backend"].generate([prompts[i] for i in ids], sp,
+                                               progress=state["bar"] if state["bar"] is not None else False)
+        state["tokens"] += sum(len(c.token_ids) for cs in comps for c in cs)
+        return sample_records(ids, [prompts[i] for i in ids], comps)
+
+    def validate(chunk, records):
+        check_sample_records([p["id"] for p in chunk], sp.n, records)
+
+    t0 = time.perf_counter()
+    try:
+        run = run_sharded(items, out, shard_size, inputs, process, validate=validate, on_start=on_start)
+    finally:
+        if state["bar"] is not None:
+            state["bar"].close()
+    records = [rec for path in run.paths for rec in read_jsonl(path)]
+    tokens = sum(len(r["response_ids"]) for r in records)
+    truncated = sum(r["finish_reason"] == "length" for r in records)
+    result = {
+        "problems": len(items),
+        "samples": len(records),
+        "tokens": tokens,
+        "tokens_generated": state["tokens"],
+        "tokens_per_s": round(state["tokens"] / run.seconds, 1) if run.seconds > 0 else 0.0,
+        "truncated_fraction": truncated / len(records) if records else 0.0,
+        "shards": len(run.paths),
+        "resumed_shards": len(run.resumed),
+        "generated_shards": len(run.generated),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    write_json(metrics, result)
+    log.info("sample: %d problems x %d = %d samples, %d tokens (%d generated now, %.0f tok/s), "
+             "%d/%d shards resumed, truncated %.1f%%", len(items), sp.n, len(records), tokens, state["tokens"],
+             result["tokens_per_s"], len(run.resumed), len(run.paths), 100 * result["truncated_fraction"])
+
+
+if __name__ == "__main__":
+    main()
