@@ -1,0 +1,786 @@
+"""The ``train`` stage: off-policy SFT with DeepSpeed ZeRO (stages 0-3) and the losses of
+:mod:`drsft.losses`.
+
+Data. Rows are training examples (docs/records.md). The model input is
+``encode_prompt(tokenizer, prompt) + response_ids``; only response tokens are predicted (the
+prompt and the padding are masked out of the loss). ``behaviour_logprobs`` (or null) is aligned
+with ``response_ids``. A row longer than ``max_length`` keeps its whole prompt and loses the end
+of its response (counted as *truncated*; a sequence-level IS weight then covers the kept tokens
+only); a row whose prompt alone leaves no room for a response token is dropped (counted).
+
+Batching. One optimizer step consumes one *global batch* of ``global_batch_size`` rows. Each
+epoch visits the rows in a permutation seeded by ``(seed, epoch)``; the plan of global batches
+is a pure function of the seed and the row count, so a resumed run replays exactly the batches
+that remain. The last global batch of an epoch may be short (no row is dropped). A global batch
+is cut into ``gradient_accumulation_steps x world_size`` micro-batches of ``micro_batch_size``;
+rank ``r`` gets slots ``m * world_size + r``. A slot left empty by a short batch runs a forward
+and backward on a masked dummy row (loss 0) so that every rank takes part in the collectives.
+
+Normalisation. The loss is the token mean over **all response tokens of the global batch**:
+every rank knows the plan, so it knows that count without communication, and each micro-batch
+divides its weighted sum by ``tokens_global / (gradient_accumulation_steps * world_size)``;
+DeepSpeed then divides by the accumulation steps and averages over ranks. The result does not
+depend on how the batch is split over micro-batches and processes (the 1- vs 2-process test).
+
+Cost. One forward per micro-batch: ``gather_logprobs`` turns the logits into the target-token
+log-probs, and the loss weights are computed from their detached values (no second pass).
+
+DeepSpeed. The config dict is built from params (:func:`deepspeed_config`): ZeRO stage, micro
+batch, accumulation steps, gradient clipping, bf16 on GPU (fp32 master weights in the ZeRO
+optimizer) or fp32 on CPU. The optimizer is ``torch.optim.AdamW`` passed as a client optimizer
+(``zero_allow_untested_optimizer``; DeepSpeed's own CPU Adam needs compiled ops and is not
+used, ``zero_force_ds_cpu_optimizer: False``), the schedule a ``LambdaLR`` (linear warm-up, then
+cosine to 0) that the engine steps at each optimizer step. On a machine without CUDA the stage
+sets ``DS_ACCELERATOR=cpu`` and uses gloo. Without a launcher it runs as a single process
+(RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT defaulted); with
+``torchrun --nproc_per_node N stages/train.py`` or ``deepspeed stages/train.py`` it runs data
+parallel. Multi-node runs need the checkpoint folder on a shared file system. The GPU paths
+(bf16, NCCL, ZeRO-3 partitioned loading through ``HfDeepSpeedConfig``) are real code against the
+DeepSpeed/transformers API but were only exercised on CPU here.
+
+Checkpoints. Every ``save_every`` optimizer steps and after the last step the engine saves a
+checkpoint (model, ZeRO optimizer partitions, LR schedule, client state: step, loss history,
+running statistics) into ``<checkpoints>/step-NNNNNN``; older ones are deleted. The folder also
+holds ``fingerprint.json``: a hash of the train params (``save_every`` excluded), the data
+file, the base model and the world size. A run whose fingerprint differs discards the old
+checkpoints and starts over; a matching one resumes from ``latest``.
+
+Output. The final weights (consolidated from the ZeRO-3 partitions with DeepSpeed's 16-bit
+consolidation; whole on every rank for stages 0-2) are saved with ``save_pretrained`` next to
+the tokenizer, so :func:`drsft.models.load_model` loads them like any HF model. Per-step logs go
+to dvclive (``save_dvc_exp=False, dvcyaml=None``: the pipeline's dvc.yaml declares the plots);
+the summary to ``metrics/train.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from drsft.io import DataError, atomic_path, dumps, iter_jsonl, require, write_json
+from drsft.params import ParamsError
+
+log = logging.getLogger("drsft.train")
+
+TIERS = ("self", "guided", "fallback", "expert")
+DATA_KINDS = ("rewritten", "expert")
+FINGERPRINT_FILE = "fingerprint.json"
+CHECKPOINT_FORMAT = 1        # bump when the client state saved in checkpoints changes
+TAG_PREFIX = "step-"
+# Per-tier statistics summed over ranks each step (see _StepStats).
+_SUM_FIELDS = ("tokens", "weight_sum", "ratio_tokens", "clipped_tokens", "wnll_sum", "nll_sum", "rows")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+DEFAULTS: dict[str, Any] = {
+    "data": "rewritten",
+    "loss": "sft",
+    "is_clip": [0.0, 5.0],
+    "is_level": "token",
+    "zero_stage": 2,
+    "lr": 1.0e-4,
+    "epochs": 1,
+    "micro_batch_size": 8,
+    "global_batch_size": 32,
+    "max_length": 512,
+    "warmup_ratio": 0.1,
+    "weight_decay": 0.0,
+    "grad_clip": 1.0,
+    "save_every": 50,
+    "seed": 0,
+    "gradient_checkpointing": False,
+}
+
+
+def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``train`` params section with defaults filled in; :class:`ParamsError` names a bad key."""
+    from drsft.losses import IS_LEVELS, LOSS_KINDS, parse_clip
+
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown key(s) train.{', train.'.join(unknown)}")
+    c = {**DEFAULTS, **cfg}
+
+    def bad(key, why):
+        return ParamsError(f"params.yaml: train.{key} = {c[key]!r}: {why}")
+
+    if c["data"] not in DATA_KINDS:
+        raise bad("data", f"expected one of {', '.join(DATA_KINDS)}")
+    if c["loss"] not in LOSS_KINDS:
+        raise bad("loss", f"expected one of {', '.join(LOSS_KINDS)}")
+    if c["is_level"] not in IS_LEVELS:
+        raise bad("is_level", f"expected one of {', '.join(IS_LEVELS)}")
+    try:
+        parse_clip(c["is_clip"])
+    except ValueError as exc:
+        raise bad("is_clip", str(exc)) from None
+    ints = ("zero_stage", "epochs", "micro_batch_size", "global_batch_size", "max_length", "save_every", "seed")
+    for key in ints:
+        if isinstance(c[key], bool) or not isinstance(c[key], int):
+            raise bad(key, "must be an integer")
+    if c["zero_stage"] not in (0, 1, 2, 3):
+        raise bad("zero_stage", "must be 0, 1, 2 or 3")
+    for key in ("epochs", "micro_batch_size", "global_batch_size", "save_every"):
+        if c[key] < 1:
+            raise bad(key, "must be >= 1")
+    if c["max_length"] < 2:
+        raise bad("max_length", "must be >= 2")
+    for key in ("lr", "warmup_ratio", "weight_decay", "grad_clip"):
+        if c[key] is None and key == "grad_clip":
+            c[key] = 0.0
+        if isinstance(c[key], bool) or not isinstance(c[key], (int, float)) or not math.isfinite(c[key]) or c[key] < 0:
+            raise bad(key, "must be a finite number >= 0")
+        c[key] = float(c[key])
+    if c["lr"] <= 0:
+        raise bad("lr", "must be > 0")
+    if c["warmup_ratio"] > 1:
+        raise bad("warmup_ratio", "must be in [0, 1]")
+    if not isinstance(c["gradient_checkpointing"], bool):
+        raise bad("gradient_checkpointing", "must be true or false")
+    return c
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """``global / (micro x world)``, or a :class:`ParamsError` saying what does not divide."""
+    per_pass = micro_batch * world_size
+    if global_batch % per_pass:
+        raise ParamsError(
+            f"params.yaml: train.global_batch_size ({global_batch}) must be a multiple of "
+            f"train.micro_batch_size ({micro_batch}) x world size ({world_size}) = {per_pass}")
+    return global_batch // per_pass
+
+
+def deepspeed_config(cfg: Mapping[str, Any], world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for validated train params (never a hand-edited JSON)."""
+    gas = accumulation_steps(cfg["global_batch_size"], cfg["micro_batch_size"], world_size)
+    zero: dict[str, Any] = {"stage": int(cfg["zero_stage"])}
+    if cfg["zero_stage"] == 3:
+        # lets _zero3_consolidated_16bit_state_dict / save_16bit_model gather the full weights
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": int(cfg["global_batch_size"]),
+        "train_micro_batch_size_per_gpu": int(cfg["micro_batch_size"]),
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": float(cfg["grad_clip"]),
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,     # client torch AdamW under ZeRO
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": bool(on_gpu)},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warm-up reaching 1
+    at step ``warmup_steps - 1``, then cosine from 1 (step ``warmup_steps``) towards 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
+    return int(math.ceil(warmup_ratio * total_steps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Example:
+    problem_id: str
+    tier: str
+    input_ids: list[int]              # prompt ids + (possibly truncated) response ids
+    prompt_len: int
+    behaviour: list[float] | None     # aligned with the kept response ids
+
+    @property
+    def n_response(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    known_behaviour: int = 0
+
+
+def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_size: int) -> tuple[list[Example], DataStats]:
+    """Read training examples (docs/records.md); :class:`DataError` names file, line and field."""
+    from drsft.prompts import encode_prompt
+
+    stats = DataStats()
+    examples: list[Example] = []
+    cache: dict[str, list[int]] = {}
+    for line, rec in iter_jsonl(path):
+        stats.rows += 1
+        pid = require(rec, "problem_id", path, line)
+        tier = require(rec, "tier", path, line)
+        if tier not in TIERS:
+            raise DataError(path, line, f"unknown tier {tier!r} (expected one of {', '.join(TIERS)})", "tier")
+        prompt = require(rec, "prompt", path, line)
+        resp = require(rec, "response_ids", path, line, list)
+        for j, t in enumerate(resp):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise DataError(path, line, f"item {j} = {t!r} is not a token id in [0, {vocab_size})", "response_ids")
+        beh = rec.get("behaviour_logprobs")
+        if beh is not None:
+            if not isinstance(beh, list) or len(beh) != len(resp):
+                n = len(beh) if isinstance(beh, list) else type(beh).__name__
+                raise DataError(path, line, f"must be null or a list of {len(resp)} log-probs (one per response "
+                                            f"token), got {n}", "behaviour_logprobs")
+            for j, v in enumerate(beh):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > 1e-3:
+                    raise DataError(path, line, f"item {j} = {v!r} is not a finite log-probability <= 0",
+                                    "behaviour_logprobs")
+            beh = [min(float(v), 0.0) for v in beh]
+            stats.known_behaviour += 1
+        if prompt not in cache:
+            cache[prompt] = encode_prompt(tokenizer, prompt)
+        pids = cache[prompt]
+        room = max_length - len(pids)
+        if room < 1:
+            stats.dropped += 1
+            continue
+        if len(resp) > room:
+            stats.truncated += 1
+            resp = resp[:room]
+            beh = beh[:room] if beh is not None else None
+        examples.append(Example(pid, tier, list(pids) + list(resp), len(pids), beh))
+    if not examples:
+        raise DataError(path, None, f"no usable training rows ({stats.rows} read, {stats.dropped} with prompts longer "
+                                    f"than train.max_length={max_length})")
+    return examples, stats
+
+
+def batch_plan(n_examples: int, global_batch: int, epochs: int, seed: int) -> list[list[int]]:
+    """Global batches (lists of example indices) for all epochs, a pure function of its inputs."""
+    plan: list[list[int]] = []
+    for epoch in range(epochs):
+        order = list(range(n_examples))
+        random.Random(f"drsft-train-{seed}-{epoch}").shuffle(order)
+        plan.extend(order[i:i + global_batch] for i in range(0, n_examples, global_batch))
+    return plan
+
+
+def micro_slots(global_idx: Sequence[int], micro_batch: int, gas: int, world_size: int, rank: int) -> list[list[int]]:
+    """The ``gas`` micro-batches of ``rank`` within one global batch (slot ``m*world + rank``)."""
+    out = []
+    for m in range(gas):
+        slot = m * world_size + rank
+        out.append(list(global_idx[slot * micro_batch:(slot + 1) * micro_batch]))
+    return out
+
+
+def collate(examples: Sequence[Example], pad_id: int, dummy: bool = False) -> dict:
+    """Right-padded tensors. Targets are shifted: column t of ``labels``/``mask``/``behaviour`` is
+    the token at position t+1, predicted by the logits at position t. ``dummy`` masks everything."""
+    import torch
+
+    B = len(examples)
+    L = max(len(e.input_ids) for e in examples)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    mask = torch.zeros((B, L - 1), dtype=torch.float32)
+    beh = torch.zeros((B, L - 1), dtype=torch.float32)
+    known = torch.zeros(B, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        attn[i, :n] = 1
+        if not dummy:
+            mask[i, e.prompt_len - 1:n - 1] = 1
+            if e.behaviour is not None:
+                beh[i, e.prompt_len - 1:n - 1] = torch.tensor(e.behaviour)
+                known[i] = True
+    positions = torch.arange(L).unsqueeze(0).expand(B, -1).contiguous()
+    return {"input_ids": ids, "attention_mask": attn, "position_ids": positions, "labels": ids[:, 1:].clone(),
+            "mask": mask, "behaviour": beh, "known": known, "tiers": [e.tier for e in examples],
+            "input_tokens": 0 if dummy else int(attn.sum())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprint of a run (what a checkpoint may be resumed into)
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+_BIG = 256 << 20
+
+
+def _model_identity(model_dir: str | os.PathLike) -> dict:
+    """Files of a model folder (hashed in full up to 256 MiB; bigger by size and both ends)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        return {"reference": str(model_dir)}
+    files = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        size = f.stat().st_size
+        if size <= _BIG:
+            files[rel.as_posix()] = _sha256_file(f)
+        else:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read(1 << 20))
+            files[rel.as_posix()] = f"size={size};ends={h.hexdigest()}"
+    return {"files": files}
+
+
+def run_fingerprint(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str | os.PathLike,
+                    resolved_model: str, world_size: int) -> dict:
+    ident = {
+        "format": CHECKPOINT_FORMAT,
+        "train": {k: v for k, v in sorted(cfg.items()) if k != "save_every"},
+        "data_sha256": _sha256_file(Path(data_path)),
+        "base_model": _model_identity(model_dir),
+        "resolved_model": resolved_model if not Path(resolved_model).is_dir() else "local",
+        "world_size": world_size,
+    }
+    ident["hash"] = hashlib.sha256(dumps(ident).encode("utf-8")).hexdigest()
+    return ident
+
+
+def _tags(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir())
+
+
+def _clear_checkpoints(ckpt_dir: Path) -> None:
+    """Remove what this stage writes in the folder (and nothing else)."""
+    for p in _tags(ckpt_dir):
+        shutil.rmtree(p)
+    for name in ("latest", FINGERPRINT_FILE, "zero_to_fp32.py"):
+        (ckpt_dir / name).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed plumbing
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_environment() -> bool:
+    """Env defaults for a launcher-less single process and the CPU accelerator. Must run before
+    deepspeed is imported. Returns whether CUDA is used."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    return on_gpu
+
+
+def _init_distributed(on_gpu: bool):
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    return dist
+
+
+class _StepStats:
+    """Per-tier sums (and max weight) of one optimizer step on this rank, reduced over ranks."""
+
+    def __init__(self, torch, device):
+        self.torch = torch
+        self.sums = torch.zeros(len(TIERS), len(_SUM_FIELDS), dtype=torch.float64, device=device)
+        self.maxw = torch.zeros(len(TIERS), dtype=torch.float64, device=device)
+
+    def add(self, batch: dict, out, logp) -> None:
+        torch = self.torch
+        m = batch["mask"].to(out.weights.device).bool()
+        w = out.weights.double()
+        lp = torch.where(m, logp.detach().double(), torch.zeros((), dtype=torch.float64, device=m.device))
+        rows = {
+            "tokens": m.sum(1).double(),
+            "weight_sum": w.sum(1),
+            "ratio_tokens": (m & out.ratio_rows[:, None]).sum(1).double(),
+            "clipped_tokens": out.clipped.sum(1).double(),
+            "wnll_sum": -(w * lp).sum(1),
+            "nll_sum": -lp.sum(1),
+            "rows": (m.sum(1) > 0).double(),
+        }
+        per_row = torch.stack([rows[f] for f in _SUM_FIELDS], dim=1).to(self.sums.device)
+        row_max = (w * m).max(dim=1).values.to(self.maxw.device)
+        for i, tier in enumerate(batch["tiers"]):
+            t = TIERS.index(tier)
+            self.sums[t] += per_row[i]
+            self.maxw[t] = torch.maximum(self.maxw[t], row_max[i])
+
+    def reduce(self, dist) -> None:
+        if dist.get_world_size() > 1:
+            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
+            dist.all_reduce(self.maxw, op=dist.ReduceOp.MAX)
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        sums = self.sums.cpu().tolist()
+        maxw = self.maxw.cpu().tolist()
+        return {tier: {**dict(zip(_SUM_FIELDS, sums[i])), "weight_max": maxw[i]} for i, tier in enumerate(TIERS)}
+
+
+def _merge_totals(totals: dict, step: dict) -> None:
+    for tier, vals in step.items():
+        acc = totals.setdefault(tier, {f: 0.0 for f in _SUM_FIELDS} | {"weight_max": 0.0})
+        for f in _SUM_FIELDS:
+            acc[f] += vals[f]
+        acc["weight_max"] = max(acc["weight_max"], vals["weight_max"])
+
+
+def weight_summary(totals: Mapping[str, Mapping[str, float]]) -> dict:
+    """``{"all": {...}, "<tier>": {...}}`` with weight_mean, weight_max, clip_frac, tokens, rows."""
+    def one(v):
+        return {
+            "tokens": int(v["tokens"]),
+            "rows": int(v["rows"]),
+            "weight_mean": v["weight_sum"] / v["tokens"] if v["tokens"] else None,
+            "weight_max": v["weight_max"] if v["tokens"] else None,
+            "clip_frac": v["clipped_tokens"] / v["ratio_tokens"] if v["ratio_tokens"] else None,
+            "nll": v["nll_sum"] / v["tokens"] if v["tokens"] else None,
+        }
+
+    out = {tier: one(v) for tier, v in totals.items() if v["tokens"]}
+    allv = {f: sum(v[f] for v in totals.values()) for f in _SUM_FIELDS}
+    allv["weight_max"] = max((v["weight_max"] for v in totals.values()), default=0.0)
+    out["all"] = one(allv)
+    return out
+
+
+def _trim_live_history(live_dir: Path, keep_below: int) -> None:
+    """Drop dvclive rows of steps >= ``keep_below`` (logged after the checkpoint we resume from)."""
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text(encoding="utf-8").splitlines(keepends=True)
+        if not lines:
+            continue
+        header, rows = lines[0], lines[1:]
+        cols = header.rstrip("\n").split("\t")
+        if "step" not in cols:
+            continue
+        si = cols.index("step")
+        kept = [r for r in rows if r.strip() and int(r.split("\t")[si]) < keep_below]
+        with atomic_path(tsv) as fh:
+            fh.write(header)
+            fh.writelines(kept)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+def _save_final_model(engine, model, tokenizer, out_dir: Path, zero_stage: int, rank: int, dist) -> None:
+    import torch
+
+    if zero_stage == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()   # all ranks; full on rank 0
+    else:
+        state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None
+    if rank == 0:
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with torch.no_grad():
+            model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    dist.barrier()
+
+
+def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str | os.PathLike,
+          out_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, metrics_path: str | os.PathLike | None,
+          live_dir: str | os.PathLike | None = None, trust_remote_code: bool = False,
+          max_steps: int | None = None) -> dict | None:
+    """Train and save the model; returns the metrics dict (on every rank), or ``None`` when
+    ``max_steps`` stopped the run early (a debugging aid that simulates a kill: no final
+    checkpoint, no model, no metrics; the next call resumes from the last periodic checkpoint)."""
+    cfg = validate_config(cfg)
+    on_gpu = setup_environment()
+
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from drsft.losses import weighted_nll
+    from drsft.models import load_tokenizer, resolve_model
+    from drsft.scoring import gather_logprobs
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # Fail on a batch size that does not divide before starting any process group.
+    deepspeed_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu)
+    if on_gpu:
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist = _init_distributed(on_gpu)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(get_accelerator().current_device_name())
+    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
+    ds_cfg = deepspeed_config(cfg, world, on_gpu)
+    gas = ds_cfg["gradient_accumulation_steps"]
+
+    resolved = resolve_model(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    pad_id = tokenizer.pad_token_id
+    # Vocabulary size from the config (cheap, before loading weights) for validating token ids.
+    conf = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    conf = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    vocab = getattr(conf, "vocab_size", None) or len(tokenizer)
+    examples, dstats = load_examples(data_path, tokenizer, cfg["max_length"], vocab)
+    if cfg["loss"] in ("is", "is_dft") and dstats.known_behaviour == 0 and rank == 0:
+        log.warning("loss %s but no row has behaviour_logprobs: every row uses the DFT fallback weight", cfg["loss"])
+    if rank == 0:
+        log.info("%s: %d rows, %d used, %d truncated to max_length=%d, %d dropped, %d with behaviour log-probs",
+                 data_path, dstats.rows, len(examples), dstats.truncated, cfg["max_length"], dstats.dropped,
+                 dstats.known_behaviour)
+    plan = batch_plan(len(examples), cfg["global_batch_size"], cfg["epochs"], cfg["seed"])
+    total_steps = len(plan)
+    warmup = warmup_steps_for(total_steps, cfg["warmup_ratio"])
+
+    # Checkpoint fingerprint: discard checkpoints of other params / data / model / world size.
+    fp = run_fingerprint(cfg, data_path, model_dir, resolved, world)
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        fp_file = ckpt_dir / FINGERPRINT_FILE
+        old = None
+        if fp_file.exists():
+            try:
+                old = json.loads(fp_file.read_text(encoding="utf-8")).get("hash")
+            except (OSError, ValueError):
+                old = None
+        if old != fp["hash"]:
+            if old is not None or _tags(ckpt_dir):
+                log.warning("%s: checkpoints are from a different run (params, data, base model or world size "
+                            "changed): discarding them", ckpt_dir)
+            _clear_checkpoints(ckpt_dir)
+            write_json(fp_file, fp)
+    dist.barrier()
+
+    # Model, optimizer, schedule, engine.
+    random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    hf_ds = None
+    if cfg["zero_stage"] == 3:
+        # Partition the weights while loading (zero.Init); must stay alive until initialize.
+        from transformers.integrations import HfDeepSpeedConfig
+        hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841
+    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.config.use_cache = False
+    if cfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    model.train()
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
+
+    def make_scheduler(opt):
+        # Built by DeepSpeed on the optimizer it wraps (ZeRO-3 regroups the parameters).
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
+                                           config=ds_cfg)
+    del hf_ds
+
+    # Resume.
+    state: dict[str, Any] = {"step": 0, "history": [], "nll_history": [], "train_time_s": 0.0, "input_tokens": 0,
+                             "totals": {}, "resumed_from": []}
+    if (ckpt_dir / "latest").exists():
+        load_path, client = engine.load_checkpoint(str(ckpt_dir))
+        if load_path is None or not client or client.get("fingerprint") != fp["hash"]:
+            raise RuntimeError(f"{ckpt_dir}: could not resume from the latest checkpoint ({load_path}); "
+                               f"delete the folder to start over")
+        state = {k: client[k] for k in state}
+        state["resumed_from"] = state["resumed_from"] + [state["step"]]
+        if rank == 0:
+            log.info("resumed from %s at optimizer step %d/%d", load_path, state["step"], total_steps)
+
+    live = None
+    if rank == 0 and live_dir is not None:
+        from dvclive import Live
+        live_dir = Path(live_dir)
+        resuming = state["step"] > 0
+        if resuming:
+            _trim_live_history(live_dir, state["step"])
+        live = Live(dir=str(live_dir), resume=resuming, save_dvc_exp=False, dvcyaml=None, report=None)
+        live.step = state["step"]
+        live.log_params({"train": {k: v for k, v in cfg.items()}, "world_size": world,
+                         "gradient_accumulation_steps": gas})
+
+    def save(step: int) -> None:
+        tag = f"{TAG_PREFIX}{step:06d}"
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "fingerprint": fp["hash"]})
+        dist.barrier()
+        if rank == 0:
+            for old in _tags(ckpt_dir):
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    tokens_global = [sum(examples[i].n_response for i in gidx) for gidx in plan]
+    stopped_early = False
+    t_segment = time.perf_counter()
+    for step in range(state["step"], total_steps):
+        if max_steps is not None and step >= max_steps:
+            stopped_early = True
+            break
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg["seed"] * 1_000_003 + step)   # dropout etc.: identical after a resume
+        gidx = plan[step]
+        normaliser = tokens_global[step] / (gas * world)
+        lr = engine.get_lr()[0]
+        stats = _StepStats(torch, device)
+        input_tokens = 0
+        grad_norm = None
+        slots = micro_slots(gidx, cfg["micro_batch_size"], gas, world, rank)
+        for m, slot in enumerate(slots):
+            batch = collate([examples[i] for i in slot], pad_id) if slot else \
+                collate([examples[gidx[0]]], pad_id, dummy=True)
+            input_tokens += batch["input_tokens"]
+            logits = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                            position_ids=batch["position_ids"].to(device), use_cache=False).logits
+            logp = gather_logprobs(logits[:, :-1], batch["labels"].to(device))
+            out = weighted_nll(logp, batch["mask"].to(device), cfg["loss"], batch["behaviour"].to(device),
+                               batch["known"].to(device), is_clip=cfg["is_clip"], is_level=cfg["is_level"],
+                               normaliser=normaliser)
+            engine.backward(out.loss)
+            if cfg["zero_stage"] == 0 and not ds_cfg["bf16"]["enabled"] and m == len(slots) - 1:
+                # ZeRO-0 in fp32 does not record the norm: the gradients are reduced at the
+                # boundary backward, so take it here (before clipping, like ZeRO-1..3's).
+                grads = [p.grad.detach().double().norm() for p in engine.module.parameters() if p.grad is not None]
+                grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+            engine.step()
+            if slot:
+                stats.add(batch, out, logp)
+            del logits, logp, out
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        stats.reduce(dist)
+        tok = torch.tensor([float(input_tokens)], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(tok)
+        step_stats = stats.as_dict()
+        n_tok = sum(v["tokens"] for v in step_stats.values())
+        loss = sum(v["wnll_sum"] for v in step_stats.values()) / n_tok
+        nll = sum(v["nll_sum"] for v in step_stats.values()) / n_tok
+        dt = time.perf_counter() - t0
+        state["step"] = step + 1
+        state["history"].append(loss)
+        state["nll_history"].append(nll)
+        state["input_tokens"] += int(tok.item())
+        _merge_totals(state["totals"], step_stats)
+        state["train_time_s"] += dt
+        if live is not None:
+            live.log_metric("train/loss", loss)
+            live.log_metric("train/nll", nll)
+            live.log_metric("train/lr", lr)
+            live.log_metric("train/grad_norm", grad_norm)
+            live.log_metric("train/tokens_per_s", tok.item() / dt if dt > 0 else 0.0)
+            for tier, v in weight_summary(step_stats).items():
+                for key in ("weight_mean", "weight_max", "clip_frac"):
+                    if v[key] is not None:
+                        live.log_metric(f"weights/{tier}/{key}", v[key])
+            live.next_step()
+        if rank == 0:
+            log.info("step %d/%d loss %.4f nll %.4f lr %.3g grad_norm %.3f (%.2fs)", step + 1, total_steps, loss, nll,
+                     lr, grad_norm, dt)
+        if (step + 1) % cfg["save_every"] == 0 or step + 1 == total_steps:
+            save(step + 1)
+
+    if stopped_early:
+        if rank == 0:
+            log.warning("stopped at max_steps=%d (step %d/%d) without saving a model", max_steps, state["step"],
+                        total_steps)
+            if live is not None:
+                live.end()
+        dist.barrier()
+        return None
+
+    _save_final_model(engine, engine.module, tokenizer, out_dir, cfg["zero_stage"], rank, dist)
+    history = state["history"]
+    metrics = {
+        "steps": total_steps,
+        "epochs": cfg["epochs"],
+        "examples": len(examples) * cfg["epochs"],
+        "rows": dstats.rows,
+        "rows_used": len(examples),
+        "truncated": dstats.truncated,
+        "dropped": dstats.dropped,
+        "response_tokens": int(sum(tokens_global)),
+        "input_tokens": state["input_tokens"],
+        "final_loss": history[-1] if history else None,
+        "mean_loss": sum(history) / len(history) if history else None,
+        "final_nll": state["nll_history"][-1] if state["nll_history"] else None,
+        "mean_nll": sum(state["nll_history"]) / len(state["nll_history"]) if state["nll_history"] else None,
+        "train_time_s": state["train_time_s"],
+        "tokens_per_s": state["input_tokens"] / state["train_time_s"] if state["train_time_s"] > 0 else None,
+        "weights": weight_summary(state["totals"]),
+        "loss": cfg["loss"],
+        "zero_stage": cfg["zero_stage"],
+        "world_size": world,
+        "gradient_accumulation_steps": gas,
+        "resumed_from_steps": state["resumed_from"],
+    }
+    if rank == 0:
+        if metrics_path is not None:
+            write_json(metrics_path, metrics)
+        if live is not None:
+            live.summary.update({"final_loss": metrics["final_loss"], "mean_loss": metrics["mean_loss"]})
+            live.end()
+        log.info("trained %d steps in %.1fs (this run %.1fs); model saved to %s", total_steps, state["train_time_s"],
+                 time.perf_counter() - t_segment, out_dir)
+    dist.barrier()
+    return metrics
+
+
+def data_file(data_dir: str | os.PathLike, kind: str) -> Path:
+    """``data/train/<kind>.jsonl`` for ``train.data``."""
+    if kind not in DATA_KINDS:
+        raise ParamsError(f"params.yaml: train.data = {kind!r}: expected one of {', '.join(DATA_KINDS)}")
+    return Path(data_dir) / f"{kind}.jsonl"
+
+
+__all__ = ["DEFAULTS", "TIERS", "Example", "DataStats", "validate_config", "accumulation_steps", "deepspeed_config",
+           "lr_factor", "warmup_steps_for", "load_examples", "batch_plan", "micro_slots", "collate",
+           "run_fingerprint", "setup_environment", "weight_summary", "train", "data_file"]

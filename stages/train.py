@@ -1,0 +1,49 @@
+"""train: fine-tune the base model on data/train/<train.data>.jsonl with DeepSpeed ZeRO.
+
+Single process (no launcher; CPU: DS_ACCELERATOR=cpu + gloo):   python stages/train.py
+Data parallel:   torchrun --nproc_per_node N stages/train.py   or   deepspeed --num_gpus N stages/train.py
+Writes models/trained (HF folder + tokenizer), metrics/train.json, dvclive/train (per-step logs) and
+resumable checkpoints in models/checkpoints. See drsft.train for the details.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import click  # noqa: E402
+
+from drsft.params import load_params, section  # noqa: E402
+from drsft.stage import clear_errors  # noqa: E402
+from drsft.train import data_file, train  # noqa: E402
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--data-dir", default="data/train", show_default=True,
+              help="folder holding rewritten.jsonl and expert.jsonl (train.data picks one)")
+@click.option("--data", "data_path", default=None, help="a training jsonl overriding --data-dir/train.data")
+@click.option("--model", "model_dir", default="models/base", show_default=True)
+@click.option("--out", default="models/trained", show_default=True)
+@click.option("--checkpoints", default="models/checkpoints", show_default=True)
+@click.option("--metrics", default="metrics/train.json", show_default=True)
+@click.option("--live-dir", default="dvclive/train", show_default=True)
+@click.option("--max-steps", type=int, default=None,
+              help="debugging: stop after this many optimizer steps as if killed (no final checkpoint, no model)")
+@click.pass_context
+@clear_errors
+def main(ctx, params_path, data_dir, data_path, model_dir, out, checkpoints, metrics, live_dir, max_steps):
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK is read from the environment instead.
+    extra = [a for a in ctx.args if not a.startswith("--local_rank")]
+    if extra:
+        raise click.UsageError(f"unexpected arguments: {' '.join(extra)}")
+    params = load_params(params_path)
+    cfg = section(params, "train")
+    trust = bool(params.get("model", {}).get("trust_remote_code", False))
+    path = Path(data_path) if data_path else data_file(data_dir, cfg.get("data", "rewritten"))
+    train(cfg, path, model_dir, out, checkpoints, metrics, live_dir=live_dir, trust_remote_code=trust,
+          max_steps=max_steps)
+
+
+if __name__ == "__main__":
+    main()

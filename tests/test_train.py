@@ -1,0 +1,358 @@
+"""Tests of the train stage: pure helpers in-process, real DeepSpeed runs in subprocesses.
+
+The DeepSpeed runs (CPU accelerator, gloo) use the ``stages/train.py`` entry point exactly as DVC
+does, on a 40-row training file built from the ``tiny_model_dir`` fixture:
+  * one process, ZeRO-2, ``is`` loss -> the reference run;
+  * two processes (torchrun --nproc_per_node 2), same global batch -> same losses and weights;
+  * a run stopped by ``--max-steps`` after a checkpoint, then rerun -> resumes, bitwise-equal weights;
+  * the other losses and ZeRO stages 0/1/3 in one process sharing a checkpoint folder (each run
+    must discard the previous run's checkpoints: its fingerprint differs).
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from drsft.io import DataError, read_json, write_jsonl
+from drsft.params import ParamsError
+from drsft.train import (Example, accumulation_steps, batch_plan, collate, deepspeed_config, load_examples,
+                         lr_factor, micro_slots, run_fingerprint, validate_config, warmup_steps_for)
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = ROOT / "stages" / "train.py"
+
+TRAIN_CFG = {
+    "data": "rewritten", "loss": "is", "is_clip": [0.0, 2.0], "is_level": "token", "zero_stage": 2,
+    "lr": 3.0e-3, "epochs": 1, "micro_batch_size": 3, "global_batch_size": 12, "max_length": 96,
+    "warmup_ratio": 0.25, "weight_decay": 0.01, "grad_clip": 1.0, "save_every": 2, "seed": 0,
+}
+N_ROWS = 40          # 4 optimizer steps of 12, 12, 12, 4 rows: the last global batch is short
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def train_file(tiny_model_dir, prompt_cfg, tmp_path_factory):
+    """40 training rows: self/guided rows with (perturbed) behaviour log-probs from scoring,
+    fallback/expert rows with null; two rows long enough to be truncated at max_length=96."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drsft.prompts import encode_response, render_prompt
+    from drsft.scoring import score_responses
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tiers = ["self", "guided", "fallback", "expert"]
+    prompts, responses, ids = [], [], []
+    for i in range(N_ROWS):
+        a, b = i % 12, (5 * i + 3) % 12
+        prompts.append(render_prompt(tok, f"Compute ${a} + {b}$.", prompt_cfg))
+        text = f"We add: {a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."
+        if i in (7, 20):
+            text = " ".join([f"We add: {a} + {b} = {a + b}."] * 4) + f" The answer is \\boxed{{{a + b}}}."
+        responses.append(text)
+        ids.append(encode_response(tok, text))
+    scored = score_responses(model, tok, prompts, ids)
+    rows = []
+    for i in range(N_ROWS):
+        tier = tiers[i % 4]
+        if tier == "self":       # ratio e^{+-0.8} alternating: some tokens clipped at 2
+            beh = [min(0.0, lp + (0.8 if j % 2 else -0.8)) for j, lp in enumerate(scored[i])]
+        elif tier == "guided":
+            beh = [lp - 0.3 for lp in scored[i]]
+        else:
+            beh = None
+        rows.append({"problem_id": f"p{i:03d}", "tier": tier, "prompt": prompts[i], "response": responses[i],
+                     "response_ids": ids[i], "behaviour_logprobs": beh, "plain_logprobs": scored[i],
+                     "behaviour": {"self": "sampled", "guided": "guided"}.get(tier, "unknown")})
+    path = tmp_path_factory.mktemp("train_data") / "rewritten.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def _write_params(path: Path, **overrides) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"model": {"trust_remote_code": False}, "train": {**TRAIN_CFG, **overrides}}))
+    return path
+
+
+def _run_stage(workdir: Path, params: Path, data: Path, model: Path, name: str, nproc: int = 1,
+               extra: tuple = ()) -> subprocess.CompletedProcess:
+    args = ["--params", str(params), "--data", str(data), "--model", str(model),
+            "--out", str(workdir / f"{name}_model"), "--checkpoints", str(workdir / f"{name}_ckpt"),
+            "--metrics", str(workdir / f"{name}_metrics.json"), "--live-dir", str(workdir / f"{name}_live"), *extra]
+    if nproc == 1:
+        cmd = [sys.executable, str(STAGE), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(STAGE), *args]
+    proc = subprocess.run(cmd, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, train_file):
+    """Reference single-process run (kept for several tests)."""
+    work = tmp_path_factory.mktemp("train_runs")
+    params = _write_params(work / "params.yaml")
+    proc = _run_stage(work, params, train_file, tiny_model_dir, "single")
+    return {"work": work, "params": params, "single": proc}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_validate_config_defaults_and_errors():
+    cfg = validate_config({"loss": "dft"})
+    assert cfg["loss"] == "dft" and cfg["zero_stage"] == 2 and cfg["gradient_checkpointing"] is False
+    for bad, key in [({"loss": "ppo"}, "train.loss"), ({"zero_stage": 4}, "train.zero_stage"),
+                     ({"is_clip": [3, 1]}, "train.is_clip"), ({"micro_batch_size": 0}, "train.micro_batch_size"),
+                     ({"lr": -1.0}, "train.lr"), ({"data": "other"}, "train.data"), ({"epochs": 1.5}, "train.epochs"),
+                     ({"typo_key": 1}, "train.typo_key"), ({"is_level": "batch"}, "train.is_level")]:
+        with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+            validate_config(bad)
+
+
+def test_accumulation_steps_and_deepspeed_config():
+    assert accumulation_steps(32, 8, 1) == 4 and accumulation_steps(32, 8, 2) == 2
+    with pytest.raises(ParamsError, match=r"global_batch_size \(32\) must be a multiple of .*micro_batch_size \(8\) "
+                                          r"x world size \(3\) = 24"):
+        accumulation_steps(32, 8, 3)
+    cfg = validate_config({"zero_stage": 3, "micro_batch_size": 2, "global_batch_size": 8, "grad_clip": 0.5})
+    ds = deepspeed_config(cfg, world_size=2, on_gpu=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 8 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert ds["bf16"]["enabled"] is False and ds["zero_force_ds_cpu_optimizer"] is False
+    assert deepspeed_config(cfg, 1, on_gpu=True)["bf16"]["enabled"] is True
+
+
+def test_lr_schedule_warmup_then_cosine():
+    total, warm = 10, warmup_steps_for(10, 0.2)
+    f = [lr_factor(s, total, warm) for s in range(total)]
+    assert warm == 2 and f[:3] == [0.5, 1.0, 1.0]
+    assert all(a > b for a, b in zip(f[2:], f[3:])) and 0 < f[-1] < 0.05
+    assert f[2 + 4] == pytest.approx(0.5)          # half-way through the cosine
+    assert lr_factor(0, 5, 0) == 1.0
+
+
+def test_batch_plan_is_deterministic_and_covers_every_row_each_epoch():
+    plan = batch_plan(10, 4, 2, seed=3)
+    assert plan == batch_plan(10, 4, 2, seed=3) and plan != batch_plan(10, 4, 2, seed=4)
+    assert [len(b) for b in plan] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(plan[:3], [])) == list(range(10)) and sorted(sum(plan[3:], [])) == list(range(10))
+    assert sum(plan[:3], []) != sum(plan[3:], [])            # a new order each epoch
+
+
+def test_micro_slots_partition_global_batch_over_ranks():
+    g = list(range(100, 112))
+    r0 = micro_slots(g, 3, 2, 2, 0)
+    r1 = micro_slots(g, 3, 2, 2, 1)
+    assert r0 == [[100, 101, 102], [106, 107, 108]] and r1 == [[103, 104, 105], [109, 110, 111]]
+    short = [1, 2, 3, 4]
+    assert micro_slots(short, 3, 2, 2, 0) == [[1, 2, 3], []] and micro_slots(short, 3, 2, 2, 1) == [[4], []]
+    assert sum(micro_slots(g, 3, 4, 1, 0), []) == g
+
+
+def test_collate_aligns_targets_mask_and_behaviour():
+    a = Example("a", "self", [1, 2, 3, 10, 11], 3, [-0.5, -0.25])
+    b = Example("b", "expert", [1, 2, 20, 21, 22, 23], 2, None)
+    batch = collate([a, b], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11, 0], [1, 2, 20, 21, 22, 23]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1] * 6]
+    assert batch["labels"].tolist() == [[2, 3, 10, 11, 0], [2, 20, 21, 22, 23]]
+    # column t predicts labels[t]; the mask marks exactly the response tokens
+    assert batch["mask"].tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert batch["behaviour"][0].tolist() == [0, 0, -0.5, -0.25, 0]
+    assert batch["known"].tolist() == [True, False]
+    assert batch["input_tokens"] == 11
+    dummy = collate([a], pad_id=0, dummy=True)
+    assert dummy["mask"].sum() == 0 and dummy["input_tokens"] == 0
+
+
+def test_fingerprint_tracks_params_data_model_and_world_size(tmp_path, tiny_model_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"a": 1}\n')
+    cfg = validate_config(TRAIN_CFG)
+    base = run_fingerprint(cfg, data, tiny_model_dir, str(tiny_model_dir), 1)["hash"]
+    assert run_fingerprint(cfg, data, tiny_model_dir, str(tiny_model_dir), 1)["hash"] == base
+    assert run_fingerprint({**cfg, "save_every": 7}, data, tiny_model_dir, str(tiny_model_dir), 1)["hash"] == base
+    assert run_fingerprint({**cfg, "lr": 1e-5}, data, tiny_model_dir, str(tiny_model_dir), 1)["hash"] != base
+    assert run_fingerprint(cfg, data, tiny_model_dir, str(tiny_model_dir), 2)["hash"] != base
+    assert run_fingerprint(cfg, data, tmp_path / "hub-id", "org/model", 1)["hash"] != base
+    data.write_text('{"a": 2}\n')
+    assert run_fingerprint(cfg, data, tiny_model_dir, str(tiny_model_dir), 1)["hash"] != base
+
+
+def test_load_examples_truncates_drops_and_names_bad_fields(tmp_path, tiny_model_dir, prompt_cfg):
+    from transformers import AutoTokenizer
+
+    from drsft.prompts import encode_prompt, render_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = render_prompt(tok, "Compute $1 + 2$.", prompt_cfg)
+    plen = len(encode_prompt(tok, prompt))
+    good = {"problem_id": "p", "tier": "self", "prompt": prompt, "response": "x", "response_ids": [5, 6, 7, 8],
+            "behaviour_logprobs": [-1.0, -2.0, -3.0, -4.0]}
+    path = tmp_path / "t.jsonl"
+    write_jsonl(path, [good, {**good, "tier": "expert", "behaviour_logprobs": None}])
+    ex, st = load_examples(path, tok, plen + 2, len(tok))
+    assert [e.n_response for e in ex] == [2, 2] and st.truncated == 2 and st.known_behaviour == 1
+    assert ex[0].input_ids == encode_prompt(tok, prompt) + [5, 6] and ex[0].behaviour == [-1.0, -2.0]
+    assert ex[1].behaviour is None
+    with pytest.raises(DataError, match="no usable training rows"):
+        load_examples(path, tok, plen, len(tok))
+    for bad, field in [({"tier": "teacher"}, "tier"), ({"response_ids": [5, 10 ** 6]}, "response_ids"),
+                       ({"response_ids": []}, "response_ids"), ({"behaviour_logprobs": [-1.0]}, "behaviour_logprobs"),
+                       ({"behaviour_logprobs": [-1.0, 0.5, -1, -1]}, "behaviour_logprobs"),
+                       ({"prompt": None}, "prompt")]:
+        write_jsonl(path, [good, {**good, **bad}])
+        with pytest.raises(DataError, match=rf"t\.jsonl:2: field '{field}'"):
+            load_examples(path, tok, 512, len(tok))
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed runs
+
+
+def test_single_process_run_outputs(runs, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work = runs["work"]
+    m = read_json(work / "single_metrics.json")
+    assert m["steps"] == 4 and m["examples"] == N_ROWS and m["truncated"] == 2 and m["world_size"] == 1
+    assert m["gradient_accumulation_steps"] == 4 and m["resumed_from_steps"] == []
+    assert math.isfinite(m["final_loss"]) and math.isfinite(m["mean_loss"]) and m["tokens_per_s"] > 0
+    w = m["weights"]
+    assert set(w) == {"all", "self", "guided", "fallback", "expert"}
+    assert 0 < w["self"]["clip_frac"] < 1 and w["self"]["weight_max"] <= 2.0 + 1e-6
+    assert w["guided"]["weight_mean"] > 1.0 and w["guided"]["weight_max"] <= 2.0 + 1e-6   # ratio >= e^0.3 at start
+    assert w["expert"]["clip_frac"] is None and w["expert"]["weight_max"] < 1.0   # DFT fallback weight p
+    assert sum(w[t]["rows"] for t in ("self", "guided", "fallback", "expert")) == N_ROWS
+    # per-step dvclive logs (4 steps) with per-tier weight statistics
+    live = work / "single_live" / "plots" / "metrics"
+    assert len((live / "train" / "loss.tsv").read_text().splitlines()) == 1 + 4
+    for name in ("lr", "grad_norm", "tokens_per_s", "nll"):
+        assert (live / "train" / f"{name}.tsv").exists()
+    assert (live / "weights" / "self" / "clip_frac.tsv").exists()
+    assert not (work / "dvc.yaml").exists()
+    # checkpoint folder: only the latest tag, plus the fingerprint
+    ckpt = work / "single_ckpt"
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-000004"]
+    assert (ckpt / "fingerprint.json").exists() and (ckpt / "latest").read_text().strip() == "step-000004"
+    # (3) the final folder loads like any HF model, and training changed it
+    model = AutoModelForCausalLM.from_pretrained(work / "single_model")
+    tok = AutoTokenizer.from_pretrained(work / "single_model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([tok("Compute $1 + 2$.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), base.parameters()))
+    assert diff > 1e-4
+
+
+def test_two_processes_match_single_process(runs, tiny_model_dir, train_file):
+    """(1) ZeRO-2 in two CPU processes (gloo) with the same global batch = the 1-process run."""
+    work = runs["work"]
+    _run_stage(work, runs["params"], train_file, tiny_model_dir, "dual", nproc=2)
+    one = read_json(work / "single_metrics.json")
+    two = read_json(work / "dual_metrics.json")
+    assert two["world_size"] == 2 and two["gradient_accumulation_steps"] == 2
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)
+    assert two["mean_loss"] == pytest.approx(one["mean_loss"], rel=1e-5)
+    assert two["response_tokens"] == one["response_tokens"] and two["input_tokens"] == one["input_tokens"]
+    assert two["weights"]["self"]["clip_frac"] == pytest.approx(one["weights"]["self"]["clip_frac"])
+    loss1 = (work / "single_live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+    loss2 = (work / "dual_live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+    assert [float(r.split("\t")[1]) for r in loss2] == pytest.approx([float(r.split("\t")[1]) for r in loss1], rel=1e-5)
+    a, b = _weights(work / "single_model"), _weights(work / "dual_model")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert len(list((work / "dual_ckpt" / "step-000004").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+
+
+def test_kill_and_resume_replays_remaining_batches_exactly(runs, tiny_model_dir, train_file):
+    """(2) Stop after 3 steps (checkpoint at step 2), rerun: resumes at step 2, equal weights."""
+    work = runs["work"]
+    first = _run_stage(work, runs["params"], train_file, tiny_model_dir, "resume", extra=("--max-steps", "3"))
+    assert "stopped at max_steps=3" in first.stderr
+    assert not (work / "resume_model").exists() and not (work / "resume_metrics.json").exists()
+    assert (work / "resume_ckpt" / "latest").read_text().strip() == "step-000002"
+    second = _run_stage(work, runs["params"], train_file, tiny_model_dir, "resume")
+    assert "resumed from" in second.stderr and "at optimizer step 2/4" in second.stderr
+    m = read_json(work / "resume_metrics.json")
+    ref = read_json(work / "single_metrics.json")
+    assert m["resumed_from_steps"] == [2]
+    assert m["final_loss"] == ref["final_loss"] and m["mean_loss"] == ref["mean_loss"]
+    a, b = _weights(work / "single_model"), _weights(work / "resume_model")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    # the dvclive history holds each step once (rows logged after the checkpoint were replaced)
+    steps = [r.split("\t")[0] for r in (work / "resume_live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    assert steps == ["0", "1", "2", "3"]
+
+
+def test_all_loss_kinds_and_zero_stages_run(runs, tiny_model_dir, train_file):
+    """(4) sft (with gradient checkpointing)/dft/is_dft (+ sequence level) with ZeRO 0, 1 and 3, one process calling train()
+    three times with one checkpoint folder: each run discards the previous run's checkpoints."""
+    work = runs["work"]
+    script = f"""
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
+from drsft.train import train
+cfg = json.loads(sys.argv[1])
+out = {{}}
+for kind, stage, level in [("sft", 0, "token"), ("dft", 1, "token"), ("is_dft", 3, "sequence")]:
+    m = train({{**cfg, "loss": kind, "zero_stage": stage, "is_level": level, "gradient_checkpointing": stage == 0}}, {str(train_file)!r},
+              {str(tiny_model_dir)!r}, {str(work)!r} + "/kinds_" + kind, {str(work)!r} + "/kinds_ckpt",
+              None, live_dir=None)
+    out[kind] = m
+print("RESULT" + json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(TRAIN_CFG)], cwd=work, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert proc.stderr.count("checkpoints are from a different run") == 2
+    for kind, m in res.items():
+        assert m["steps"] == 4 and math.isfinite(m["final_loss"]) and m["resumed_from_steps"] == []
+        assert (work / f"kinds_{kind}" / "model.safetensors").exists()
+    assert res["sft"]["weights"]["all"]["weight_mean"] == pytest.approx(1.0)
+    assert res["sft"]["final_loss"] == pytest.approx(res["sft"]["final_nll"])
+    assert 0 < res["dft"]["weights"]["all"]["weight_max"] < 1.0
+    assert res["dft"]["final_loss"] < res["dft"]["final_nll"]
+    w = res["is_dft"]["weights"]
+    assert w["self"]["weight_max"] <= 2.0 + 1e-6 and w["expert"]["clip_frac"] is None
+    assert w["self"]["clip_frac"] is not None and w["self"]["rows"] == N_ROWS // 4
