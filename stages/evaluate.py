@@ -1,0 +1,59 @@
+"""evaluate: avg@k and greedy accuracy of a model on the configured benchmarks.
+
+Used twice in dvc.yaml: ``evaluate`` (the trained model) and ``evaluate_base`` (the base model,
+the reference row of every table).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import click  # noqa: E402
+
+from drsft.data import load_benchmark  # noqa: E402
+from drsft.evaluate import average_over, evaluate_benchmark  # noqa: E402
+from drsft.io import DataError, write_json, write_jsonl  # noqa: E402
+from drsft.models import resolve_model  # noqa: E402
+from drsft.params import load_params, section  # noqa: E402
+from drsft.rollout import make_backend  # noqa: E402
+from drsft.stage import clear_errors, log  # noqa: E402
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--model", "model_dir", default="models/trained", show_default=True)
+@click.option("--benchmarks-dir", default="data/prepare/benchmarks", show_default=True)
+@click.option("--out", default="data/evaluate", show_default=True)
+@click.option("--metrics", default="metrics/evaluate.json", show_default=True)
+@clear_errors
+def main(params_path, model_dir, benchmarks_dir, out, metrics):
+    params = load_params(params_path)
+    cfg, prompt_cfg, roll = section(params, "evaluate"), section(params, "prompt"), section(params, "rollout")
+    verify_cfg = section(params, "verify")
+    trust = bool(section(params, "model").get("trust_remote_code", False))
+    names = list(cfg["benchmarks"])
+    if not names:
+        raise DataError(params_path, None, "must list at least one benchmark", "evaluate.benchmarks")
+    # Load every benchmark before any generation, so a bad file fails in seconds, not after hours.
+    sets = {}
+    for name in names:
+        path = Path(benchmarks_dir) / f"{name}.jsonl"
+        if not path.exists():
+            raise DataError(path, None, f"benchmark '{name}' not found; prepare writes the benchmarks listed in "
+                                        "prepare.toy / prepare.files.benchmarks", "evaluate.benchmarks")
+        sets[name] = load_benchmark(name, str(path))
+    backend = make_backend(roll["backend"], resolve_model(model_dir), dtype=roll.get("dtype", "auto"),
+                           trust_remote_code=trust, tensor_parallel_size=roll.get("tensor_parallel_size", 1),
+                           gpu_memory_utilization=roll.get("gpu_memory_utilization", 0.9))
+    results = {}
+    for name, problems in sets.items():
+        m, preds = evaluate_benchmark(backend, problems, prompt_cfg, cfg, verify_cfg, int(roll["batch_size"]))
+        write_jsonl(Path(out) / f"{name}.jsonl", preds)
+        results[name] = m
+        log.info("%s: avg@%d %.3f greedy %s", name, m["k"], m.get("avg_at_k", float("nan")), m.get("greedy"))
+    write_json(metrics, {"benchmarks": results, "average": average_over(results)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""fallback: problems still unsolved keep the expert demonstration; writes both training sets.
+
+Outputs ``data/train/rewritten.jsonl`` (self + guided + fallback rows) and
+``data/train/expert.jsonl`` (every problem with its expert demonstration: the vanilla-SFT set),
+in the same format, plus the policy-gap diagnostics in ``metrics/rewrite.json``. Expert responses
+get their plain-prompt log-probs under the base model; their behaviour policy (the expert's) is
+unknown, so ``behaviour_logprobs`` is null and ``behaviour`` is ``unknown``.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import click  # noqa: E402
+
+from drsft.io import read_jsonl, write_csv, write_json, write_jsonl  # noqa: E402
+from drsft.models import load_model, load_tokenizer  # noqa: E402
+from drsft.params import load_params, section  # noqa: E402
+from drsft.prompts import encode_response, render_prompt  # noqa: E402
+from drsft.rewrite import nll_histogram, rewrite_metrics, training_row  # noqa: E402
+from drsft.scoring import score_responses  # noqa: E402
+from drsft.stage import clear_errors, log  # noqa: E402
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--problems", default="data/prepare/train.jsonl", show_default=True)
+@click.option("--self-rows", default="data/self_align/selected.jsonl", show_default=True)
+@click.option("--guided-rows", default="data/guided_align/selected.jsonl", show_default=True)
+@click.option("--unsolved", default="data/guided_align/unsolved.jsonl", show_default=True)
+@click.option("--model", "model_dir", default="models/base", show_default=True)
+@click.option("--out", default="data/train", show_default=True)
+@click.option("--metrics", default="metrics/rewrite.json", show_default=True)
+@click.option("--plot-csv", default="metrics/plots/nll_hist.csv", show_default=True)
+@clear_errors
+def main(params_path, problems, self_rows, guided_rows, unsolved, model_dir, out, metrics, plot_csv):
+    params = load_params(params_path)
+    cfg, prompt_cfg = section(params, "fallback"), section(params, "prompt")
+    trust = bool(section(params, "model").get("trust_remote_code", False))
+    problem_list = read_jsonl(problems)
+    tok = load_tokenizer(model_dir, trust_remote_code=trust)
+    model = load_model(model_dir, trust_remote_code=trust)
+
+    prompts = [render_prompt(tok, p["problem"], prompt_cfg) for p in problem_list]
+    response_ids = [encode_response(tok, p["solution"]) for p in problem_list]
+    logprobs = score_responses(model, tok, prompts, response_ids, batch_size=int(cfg["score_batch_size"]))
+    expert = [training_row(p["id"], "expert", pr, p["solution"], ids, None, lp, "unknown")
+              for p, pr, ids, lp in zip(problem_list, prompts, response_ids, logprobs)]
+
+    still_unsolved = {r["problem_id"] for r in read_jsonl(unsolved)}
+    fallback = [{**r, "tier": "fallback"} for r in expert if r["problem_id"] in still_unsolved]
+    order = {p["id"]: i for i, p in enumerate(problem_list)}
+    rewritten = read_jsonl(self_rows) + read_jsonl(guided_rows) + fallback
+    missing = set(order) - {r["problem_id"] for r in rewritten}
+    if missing:
+        raise click.ClickException(f"{len(missing)} train problems have no rewritten row, e.g. {sorted(missing)[0]!r}: "
+                                   "the upstream stages are out of step; run `dvc repro`")
+    rewritten.sort(key=lambda r: (order[r["problem_id"]], r["tier"]))
+
+    out = Path(out)
+    write_jsonl(out / "rewritten.jsonl", rewritten)
+    write_jsonl(out / "expert.jsonl", expert)
+    write_csv(plot_csv, nll_histogram(rewritten, expert), ["nll", "expert", "rewritten"])
+    m = rewrite_metrics(rewritten, expert)
+    write_json(metrics, m)
+    log.info("rewritten set: %s; NLL rewritten %.3f vs expert %.3f",
+             {t: v["count"] for t, v in m["tiers"].items()}, m["nll"]["rewritten"], m["nll"]["expert"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""self_align: keep the model's own correct solutions (the on-policy tier)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import click  # noqa: E402
+
+from drsft.io import read_jsonl, write_json, write_jsonl  # noqa: E402
+from drsft.params import load_params, section  # noqa: E402
+from drsft.rewrite import self_align  # noqa: E402
+from drsft.stage import clear_errors, log, read_shards  # noqa: E402
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--problems", default="data/prepare/train.jsonl", show_default=True)
+@click.option("--samples", default="data/sample", show_default=True)
+@click.option("--verdicts", default="data/verify/verdicts.jsonl", show_default=True)
+@click.option("--out", default="data/self_align", show_default=True)
+@click.option("--metrics", default="metrics/self_align.json", show_default=True)
+@clear_errors
+def main(params_path, problems, samples, verdicts, out, metrics):
+    cfg = section(load_params(params_path), "self_align")
+    problem_ids = [p["id"] for p in read_jsonl(problems)]
+    rows, unsolved, stats = self_align(problem_ids, read_shards(samples), read_jsonl(verdicts),
+                                       int(cfg["keep_per_problem"]), cfg["rule"], int(cfg["seed"]))
+    write_jsonl(Path(out) / "selected.jsonl", rows)
+    write_jsonl(Path(out) / "unsolved.jsonl", ({"problem_id": pid} for pid in unsolved))
+    stats["solved_share"] = stats["solved"] / stats["problems"] if stats["problems"] else 0.0
+    write_json(metrics, stats)
+    log.info("self_align: %d/%d problems solved, %d rows kept", stats["solved"], stats["problems"], stats["kept"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""dvc.yaml declares, for every stage, exactly the code it runs.
+
+The product's promise is that changing code or a parameter reruns only the stages it affects.
+That holds only if each stage lists its script and every drsft module the script imports,
+directly or transitively — checked here by parsing the imports.
+"""
+
+import ast
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+
+def _drsft_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "drsft":
+            mods.add(node.module)
+            for alias in node.names:  # `from drsft import rewrite`
+                if (SRC / "drsft" / f"{alias.name}.py").exists() and node.module == "drsft":
+                    mods.add(f"drsft.{alias.name}")
+        elif isinstance(node, ast.Import):
+            mods.update(a.name for a in node.names if a.name.split(".")[0] == "drsft")
+    return mods
+
+
+def _module_file(mod: str) -> Path:
+    parts = mod.split(".")
+    f = SRC.joinpath(*parts).with_suffix(".py")
+    return f if f.exists() else SRC.joinpath(*parts, "__init__.py")
+
+
+def transitive_code(script: Path) -> set[str]:
+    todo, seen = [script], set()
+    while todo:
+        f = todo.pop()
+        for mod in _drsft_imports(f):
+            mf = _module_file(mod)
+            rel = mf.relative_to(ROOT).as_posix()
+            if rel not in seen:
+                seen.add(rel)
+                todo.append(mf)
+    seen.discard("src/drsft/__init__.py")  # version string only
+    return seen
+
+
+def _stages():
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _dep_paths(stage):
+    return {d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])}
+
+
+def test_every_stage_lists_its_script_and_all_imported_modules():
+    problems = []
+    for name, stage in _stages().items():
+        script = stage["cmd"].split()[1]
+        deps = _dep_paths(stage)
+        assert script in deps, f"stage {name}: its script {script} is not a dep"
+        code_deps = {d for d in deps if d.startswith("src/")}
+        needed = transitive_code(ROOT / script)
+        if needed - code_deps:
+            problems.append(f"{name}: missing deps {sorted(needed - code_deps)}")
+        if code_deps - needed:
+            problems.append(f"{name}: declares code it does not import {sorted(code_deps - needed)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_stage_declares_params_and_outputs():
+    for name, stage in _stages().items():
+        assert stage.get("params"), f"stage {name} declares no params"
+        assert stage.get("outs") or stage.get("metrics"), f"stage {name} declares no outputs"
+        assert any(Path(next(iter(m)) if isinstance(m, dict) else m).parts[0] == "metrics"
+                   for m in stage.get("metrics", [])), f"stage {name} writes no metrics/*.json"
+
+
+def test_declared_params_exist_in_params_yaml():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, stage in _stages().items():
+        for key in stage["params"]:
+            node = params
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"stage {name}: param {key} not in params.yaml"
+                node = node[part]

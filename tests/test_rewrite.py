@@ -1,0 +1,125 @@
+import math
+
+import pytest
+
+from drsft.rewrite import (ess_fraction, join_verdicts, leak_reason, longest_shared_ngram, nll_histogram,
+                           policy_gap, rewrite_metrics, select, self_align)
+
+
+def _sample(pid, i, response, ids=None, logprobs=None):
+    ids = ids if ids is not None else list(range(len(response.split()) + 1))
+    return {"problem_id": pid, "sample_index": i, "prompt": f"P[{pid}]", "response": response,
+            "response_ids": ids, "logprobs": logprobs if logprobs is not None else [-1.0] * len(ids),
+            "finish_reason": "stop"}
+
+
+def _verdict(pid, i, correct):
+    return {"problem_id": pid, "sample_index": i, "correct": correct, "reason": "ok" if correct else "wrong",
+            "extracted": None}
+
+
+# ---------------------------------------------------------------- selection rules
+def test_shortest_picks_fewest_tokens_and_breaks_ties_by_index():
+    c = [_sample("p", 0, "a b c"), _sample("p", 1, "a"), _sample("p", 2, "b"), _sample("p", 3, "a b")]
+    assert [r["sample_index"] for r in select(c, "shortest", 2, 0, "p")] == [1, 2]
+
+
+def test_highest_logprob_uses_mean_not_sum():
+    long_good = _sample("p", 0, "x y z w", ids=[1, 2, 3, 4, 5], logprobs=[-0.1] * 5)   # sum -0.5, mean -0.1
+    short_bad = _sample("p", 1, "x", ids=[1, 2], logprobs=[-0.2, -0.2])                # sum -0.4, mean -0.2
+    assert select([long_good, short_bad], "highest_logprob", 1, 0, "p")[0]["sample_index"] == 0
+
+
+def test_random_is_seeded_per_problem_and_varies_with_seed():
+    c = [_sample("p", i, f"answer {i}") for i in range(8)]
+    first = [r["sample_index"] for r in select(c, "random", 3, 7, "p")]
+    assert first == [r["sample_index"] for r in select(list(reversed(c)), "random", 3, 7, "p")]
+    draws = {tuple(r["sample_index"] for r in select(c, "random", 3, s, "p")) for s in range(10)}
+    assert len(draws) > 1
+
+
+def test_duplicate_responses_count_once():
+    c = [_sample("p", 0, "same"), _sample("p", 1, "same"), _sample("p", 2, "other")]
+    assert len(select(c, "random", 5, 0, "p")) == 2
+
+
+def test_unknown_rule_and_bad_k_are_errors():
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        select([_sample("p", 0, "a")], "longest", 1, 0, "p")
+    with pytest.raises(ValueError, match="keep_per_problem"):
+        select([_sample("p", 0, "a")], "random", 0, 0, "p")
+
+
+# ---------------------------------------------------------------- self-align accounting
+def test_self_align_keeps_correct_and_lists_unsolved():
+    samples = [_sample("a", 0, "s0"), _sample("a", 1, "s1"), _sample("b", 0, "t0"), _sample("c", 0, "u0"),
+               _sample("c", 1, "u1")]
+    verdicts = [_verdict("a", 0, False), _verdict("a", 1, True), _verdict("b", 0, False), _verdict("c", 0, True),
+                _verdict("c", 1, True)]
+    rows, unsolved, stats = self_align(["a", "b", "c"], samples, verdicts, 1, "random", 0)
+    assert unsolved == ["b"]
+    assert sorted(r["problem_id"] for r in rows) == ["a", "c"]
+    a = next(r for r in rows if r["problem_id"] == "a")
+    assert a["response"] == "s1" and a["tier"] == "self" and a["behaviour"] == "sampled"
+    assert a["behaviour_logprobs"] == a["plain_logprobs"] == samples[1]["logprobs"]
+    assert stats == {"problems": 3, "solved": 2, "unsolved": 1, "correct_samples": 3, "kept": 2}
+    rows2, _, _ = self_align(["a", "b", "c"], samples, verdicts, 2, "random", 0)
+    assert sorted(r["problem_id"] for r in rows2) == ["a", "c", "c"]
+
+
+def test_self_align_refuses_missing_or_extra_verdicts():
+    samples = [_sample("a", 0, "s0"), _sample("a", 1, "s1")]
+    with pytest.raises(ValueError, match="no verdict"):
+        self_align(["a"], samples, [_verdict("a", 0, True)], 1, "random", 0)
+    with pytest.raises(ValueError, match="have no sample"):
+        join_verdicts(samples[:1], [_verdict("a", 0, True), _verdict("a", 1, True)])
+
+
+# ---------------------------------------------------------------- hint-leak filter
+def test_longest_shared_ngram():
+    assert longest_shared_ngram("a b c d e", "x b c d y") == 3
+    assert longest_shared_ngram("", "a") == 0
+    assert longest_shared_ngram("A B", "a b") == 2  # case-insensitive
+
+
+def test_leak_reason_phrase_copy_and_clean():
+    hint = "First, add 3 and 4 to get 7. Next, multiply 7 by 2 to get 14. Therefore the answer is 14."
+    assert leak_reason("As the hint says, 14. \\boxed{14}", hint, ["hint"], 8) == "phrase"
+    assert leak_reason("Using the Reference Solution: \\boxed{14}", hint, ["reference solution"], 8) == "phrase"
+    assert leak_reason("Hinterland 3+4=7, 7*2=14 \\boxed{14}", hint, ["hint"], 8) is None  # whole words only
+    copied = "First, add 3 and 4 to get 7. Next, multiply 7 by 2 to get 14. \\boxed{14}"
+    assert leak_reason(copied, hint, [], 8) == "copy"
+    assert leak_reason("3+4 is 7, doubled is 14. \\boxed{14}", hint, ["hint"], 8) is None
+
+
+# ---------------------------------------------------------------- diagnostics
+def test_ess_fraction_bounds():
+    assert ess_fraction([0.0, 0.0, 0.0]) == pytest.approx(1.0)
+    assert ess_fraction([0.0, -50.0, -50.0]) == pytest.approx(1 / 3, rel=1e-6)
+    assert ess_fraction([]) is None
+
+
+def _row(pid, tier, plain, behaviour=None):
+    return {"problem_id": pid, "tier": tier, "plain_logprobs": plain, "behaviour_logprobs": behaviour,
+            "response_ids": list(range(len(plain)))}
+
+
+def test_policy_gap_and_rewrite_metrics_by_hand():
+    rewritten = [_row("a", "self", [-1.0, -1.0], [-1.0, -1.0]),
+                 _row("b", "guided", [-2.0, -2.0], [-1.0, -1.5]),
+                 _row("c", "fallback", [-3.0, -3.0, -3.0])]
+    expert = [_row(p, "expert", [-4.0, -4.0]) for p in "abc"]
+    m = rewrite_metrics(rewritten, expert)
+    assert m["tiers"]["self"] == {"count": 1, "share": pytest.approx(1 / 3)}
+    assert m["nll"]["self"] == pytest.approx(1.0)
+    assert m["nll"]["guided"] == pytest.approx(2.0)
+    assert m["nll"]["rewritten"] == pytest.approx((2 + 4 + 9) / 7)
+    assert m["nll"]["expert"] == pytest.approx(4.0)
+    g = m["gap"]["guided"]["log_ratio_token"]
+    assert g["mean"] == pytest.approx(((-2 + 1) + (-2 + 1.5)) / 2)
+    assert m["gap"]["self"]["log_ratio_seq"]["mean"] == 0.0
+    assert m["gap"]["fallback"]["base_token_prob"]["mean"] == pytest.approx(math.exp(-3))
+    hist = nll_histogram(rewritten, expert, bins=4)
+    assert sum(h["expert"] for h in hist) == pytest.approx(1.0)
+    assert sum(h["rewritten"] for h in hist) == pytest.approx(1.0)
+    assert policy_gap([])["nll"] is None
