@@ -106,7 +106,7 @@ def pretrain(out_dir, examples, prompt_cfg, *, seed: int = 0, vocab_size: int = 
              num_layers: int = 4, num_heads: int = 4, intermediate_size: int = 384, steps: int = 300,
              batch_size: int = 32, lr: float = 3e-3, warmup_steps: int = 20, weight_decay: float = 0.0,
              grad_clip: float = 1.0, max_length: int = 512, threads: int = 2, log_every: int = 25,
-             log=print) -> dict:
+             drills=(), drill_frac: float = 0.0, drill_batch_size: int | None = None, log=print) -> dict:
     """Pretrain the embedded tiny model on chat examples and save model + tokenizer to ``out_dir``.
 
     ``examples``: objects with ``problem``, ``hint`` (``None`` for a plain prompt) and ``response``
@@ -114,6 +114,11 @@ def pretrain(out_dir, examples, prompt_cfg, *, seed: int = 0, vocab_size: int = 
     :func:`drsft.prompts.render_prompt` (the guided template when there is a hint), followed by the
     response and EOS; the loss covers the response tokens (EOS included) only. Plain torch AdamW,
     a fixed number of optimiser ``steps`` (cycling through the examples in seeded epochs).
+
+    ``drills``: optional plain texts (e.g. arithmetic-table drills, :func:`drsft.world.fact_drills`),
+    trained as ``BOS text EOS`` with the loss on every token after BOS; a ``drill_frac`` share of
+    the steps (spread evenly) takes a batch of ``drill_batch_size`` (default ``batch_size``) drills
+    instead of chat examples. Drills are short, so those steps are cheap.
 
     Deterministic on CPU: torch's thread count is fixed to ``threads`` and every RNG is seeded,
     so the same arguments give byte-identical weights. Returns a summary (parameter count, first
@@ -138,6 +143,11 @@ def pretrain(out_dir, examples, prompt_cfg, *, seed: int = 0, vocab_size: int = 
                  prompt_cfg.get("guided_template", "")]
         for ex in examples:
             texts += [ex.problem, ex.response] + ([ex.hint] if ex.hint else [])
+        drills = list(drills)
+        if not 0.0 <= float(drill_frac) < 1.0:
+            raise ValueError(f"pretrain: drill_frac must be in [0, 1), got {drill_frac}")
+        if drill_frac and not drills:
+            raise ValueError("pretrain: drill_frac > 0 but no drills")
         tok = build_tokenizer(texts, vocab_size=vocab_size)
         model = build_model(tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                             intermediate_size=intermediate_size, max_position_embeddings=max(1024, max_length),
@@ -156,27 +166,44 @@ def pretrain(out_dir, examples, prompt_cfg, *, seed: int = 0, vocab_size: int = 
         if not seqs:
             raise ValueError(f"pretrain: every example is longer than max_length={max_length}")
         lengths = [len(s) for s in seqs]
+        dseqs = [([tok.bos_token_id] + tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[:max_length]
+                 for d in drills] if drill_frac else []
+        dlengths = [len(s) for s in dseqs]
+        dbs = int(drill_batch_size or batch_size)
         log(f"pretrain: {len(seqs)} examples ({dropped} dropped > {max_length} tokens), "
             f"mean {sum(lengths) / len(lengths):.0f} tokens, vocab {len(tok)}, {n_params / 1e6:.2f}M params")
 
+        lr = float(lr)  # YAML reads "3e-3" (no dot) as a string
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         model.train()
         queue: list[list[int]] = []
+        dqueue: list[list[int]] = []
+        dgen = torch.Generator().manual_seed(seed + 1)
+        n_drill_steps = 0
         losses: list[float] = []
+        dlosses: list[float] = []
         n_tokens = 0
         pad = tok.pad_token_id
         for step in range(steps):
-            if not queue:
-                queue = _batches(lengths, batch_size, gen)
-            idx = queue.pop(0)
-            width = max(lengths[i] for i in idx)
+            drill = int((step + 1) * drill_frac) > int(step * drill_frac)
+            if drill:
+                if not dqueue:
+                    dqueue = _batches(dlengths, dbs, dgen)
+                idx, bseqs, bstarts, blens = dqueue.pop(0), dseqs, None, dlengths
+                n_drill_steps += 1
+            else:
+                if not queue:
+                    queue = _batches(lengths, batch_size, gen)
+                idx, bseqs, bstarts, blens = queue.pop(0), seqs, starts, lengths
+            width = max(blens[i] for i in idx)
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
             labels = torch.full((len(idx), width), -100, dtype=torch.long)
             for row, i in enumerate(idx):
-                s = torch.tensor(seqs[i], dtype=torch.long)
+                s = torch.tensor(bseqs[i], dtype=torch.long)
+                st = 1 if bstarts is None else bstarts[i]
                 input_ids[row, :len(s)] = s
-                labels[row, starts[i]:len(s)] = s[starts[i]:]
+                labels[row, st:len(s)] = s[st:]
             # Right padding under a causal mask: padded positions never influence real ones.
             logits = model(input_ids=input_ids).logits[:, :-1].float()
             target = labels[:, 1:]
@@ -189,11 +216,13 @@ def pretrain(out_dir, examples, prompt_cfg, *, seed: int = 0, vocab_size: int = 
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
-            losses.append(loss.item())
-            n_tokens += int((target != -100).sum())
+            (dlosses if drill else losses).append(loss.item())
+            if not drill:
+                n_tokens += int((target != -100).sum())
             if (step + 1) % log_every == 0 or step == 0 or step + 1 == steps:
-                recent = losses[-log_every:]
-                log(f"pretrain step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
+                recent = losses[-log_every:] or [float("nan")]
+                drec = f" drill loss {sum(dlosses[-log_every:]) / len(dlosses[-log_every:]):.4f}" if dlosses else ""
+                log(f"pretrain step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f}{drec} "
                     f"lr {opt.param_groups[0]['lr']:.2e} {time.time() - t0:.0f}s")
         model.eval()
         out = Path(out_dir)
@@ -202,7 +231,8 @@ def pretrain(out_dir, examples, prompt_cfg, *, seed: int = 0, vocab_size: int = 
         tok.save_pretrained(out)
         tail = losses[-min(len(losses), log_every):]
         return {"params": n_params, "vocab_size": len(tok), "steps": steps, "batch_size": batch_size,
-                "examples": len(seqs), "dropped_long": dropped, "response_tokens": n_tokens,
+                "examples": len(seqs), "dropped_long": dropped,
+                "drills": len(dseqs), "drill_steps": n_drill_steps, "response_tokens": n_tokens,
                 "loss_first": losses[0], "loss_final": sum(tail) / len(tail),
                 "seconds": round(time.time() - t0, 1), "threads": int(threads)}
     finally:

@@ -1,0 +1,148 @@
+"""Probing the world's properties: does the base model leave something to rewrite?
+
+The data-rewriting pipeline needs three things from a (model, problems) pair, and ``prepare``
+measures them on a subset of the training problems with the shared engines (drsft.rollout,
+drsft.verify, drsft.scoring), so they hold for the same sampler and verifier the pipeline uses:
+
+1. the base model solves some problems but not all: the mean per-problem solve rate at the
+   sampling temperature (``n`` samples per problem) lies in ``[solve_rate_min, solve_rate_max]``;
+2. a good share of problems has 0 of ``n`` correct (``unsolved_share >= unsolved_min``), and on those
+   the guided prompt (the expert solution as hint) raises the solve rate above a fresh unguided
+   estimate on the same problems, without solving every one of them (so the ``self``, ``guided`` and
+   ``fallback`` tiers are all non-empty downstream);
+3. expert demonstrations are off-policy: their mean per-token NLL under the base model (plain
+   prompt) is higher than that of the model's own correct solutions.
+
+The unguided solve rate on the unsolved problems is 0 by construction on the probe's own samples,
+so a fresh set of samples (another seed) gives the unbiased comparison for property 2.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+DEFAULT_PROBE = {
+    "n_problems": 100,
+    "n": 4,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "max_new_tokens": 160,
+    "batch_size": 64,
+    "seed": 0,
+    "backend": "hf",
+    "solve_rate_min": 0.2,
+    "solve_rate_max": 0.7,
+    "unsolved_min": 0.15,
+}
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _token_nll(logprob_lists: Sequence[Sequence[float]]) -> float | None:
+    """Mean per-token NLL over all tokens of all responses (token-weighted)."""
+    total = sum(len(lp) for lp in logprob_lists)
+    if not total:
+        return None
+    return -sum(sum(lp) for lp in logprob_lists) / total
+
+
+def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping, cfg: Mapping | None = None,
+                verify_workers: int = 2, verify_timeout_s: float = 5.0, trust_remote_code: bool = False,
+                log: Callable[[str], Any] = print) -> dict:
+    """Measure the three properties on the first ``cfg['n_problems']`` of ``problems``.
+
+    ``problems``: problem records (``id``, ``problem``, ``solution``, ``answer``). Returns the
+    ``world`` section of ``metrics/prepare.json`` (rates, counts, NLLs and ``checks``).
+    """
+    from drsft.models import load_model, load_tokenizer
+    from drsft.prompts import render_prompt
+    from drsft.rollout import SamplingParams, make_backend
+    from drsft.scoring import score_responses
+    from drsft.verify import verify_batch
+
+    c = {**DEFAULT_PROBE, **(cfg or {})}
+    t0 = time.time()
+    probs = [p for p in problems if p.get("solution")][: int(c["n_problems"])]
+    if not probs:
+        raise ValueError("probe: no problems with an expert solution")
+    n = int(c["n"])
+    tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    backend = make_backend(str(c["backend"]), str(model_dir), trust_remote_code=trust_remote_code)
+
+    def sampling(seed: int) -> SamplingParams:
+        return SamplingParams(n=n, temperature=float(c["temperature"]), top_p=float(c["top_p"]),
+                              max_new_tokens=int(c["max_new_tokens"]), seed=seed, batch_size=int(c["batch_size"]))
+
+    def run(prompts: list[str], answers: list[str], seed: int):
+        comps = backend.generate(prompts, sampling(seed)) if prompts else []
+        pairs = [(comp.text, ans) for row, ans in zip(comps, answers) for comp in row]
+        verdicts = verify_batch(pairs, workers=verify_workers, timeout_s=verify_timeout_s) if pairs else []
+        ok = [[v.correct for v in verdicts[i * n:(i + 1) * n]] for i in range(len(prompts))]
+        return comps, ok
+
+    plain = [render_prompt(tok, p["problem"], prompt_cfg) for p in probs]
+    answers = [p["answer"] for p in probs]
+    comps, ok = run(plain, answers, int(c["seed"]))
+    rates = [sum(o) / n for o in ok]
+    unsolved = [i for i, o in enumerate(ok) if not any(o)]
+    finished = sum(comp.finish_reason == "stop" for row in comps for comp in row) / (n * len(probs))
+    log(f"probe: solve rate {_mean(rates):.3f}, {len(unsolved)}/{len(probs)} unsolved ({time.time() - t0:.0f}s)")
+
+    by_family: dict[str, list[float]] = {}
+    for p, r in zip(probs, rates):
+        by_family.setdefault(p.get("source", "?"), []).append(r)
+
+    # Property 2: guided re-solve vs a fresh unguided estimate on the unsolved problems.
+    guided_prompts = [render_prompt(tok, probs[i]["problem"], prompt_cfg, hint=probs[i]["solution"])
+                      for i in unsolved]
+    _, g_ok = run(guided_prompts, [answers[i] for i in unsolved], int(c["seed"]))
+    _, f_ok = run([plain[i] for i in unsolved], [answers[i] for i in unsolved], int(c["seed"]) + 1)
+    guided_rate = _mean([sum(o) / n for o in g_ok])
+    fresh_rate = _mean([sum(o) / n for o in f_ok])
+    guided_any = sum(any(o) for o in g_ok)
+    log(f"probe: on unsolved, guided {guided_rate}, fresh unguided {fresh_rate}, "
+        f"guided solved {guided_any}/{len(unsolved)} ({time.time() - t0:.0f}s)")
+
+    # Property 3: NLL of the expert demonstrations vs the model's own correct solutions.
+    model = load_model(model_dir, trust_remote_code=trust_remote_code)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    expert_ids = [tok(p["solution"], add_special_tokens=False)["input_ids"] + eos for p in probs]
+    own = [(plain[i], comp.token_ids) for i, row in enumerate(comps) for comp, good in zip(row, ok[i]) if good]
+    lp_expert = score_responses(model, tok, plain, expert_ids)
+    lp_own = score_responses(model, tok, [a for a, _ in own], [b for _, b in own]) if own else []
+    nll_expert, nll_own = _token_nll(lp_expert), _token_nll(lp_own)
+    log(f"probe: NLL expert {nll_expert}, own correct {nll_own} ({time.time() - t0:.0f}s)")
+
+    solve_rate = _mean(rates)
+    unsolved_share = len(unsolved) / len(probs)
+    checks = {
+        "solve_rate_in_range": bool(c["solve_rate_min"] <= solve_rate <= c["solve_rate_max"]),
+        "guidance_helps_on_unsolved": bool(
+            unsolved_share >= c["unsolved_min"] and guided_rate is not None and fresh_rate is not None
+            and guided_rate > fresh_rate and guided_any < len(unsolved)),
+        "expert_nll_higher": bool(nll_expert is not None and nll_own is not None and nll_expert > nll_own),
+    }
+    return {
+        "probe_problems": len(probs),
+        "n": n,
+        "temperature": float(c["temperature"]),
+        "solve_rate": solve_rate,
+        "solve_rate_by_family": {k: _mean(v) for k, v in sorted(by_family.items())},
+        "finished_share": finished,
+        "unsolved": len(unsolved),
+        "unsolved_share": unsolved_share,
+        "all_solved_share": sum(all(o) for o in ok) / len(probs),
+        "guided_solve_rate_on_unsolved": guided_rate,
+        "guided_solved_problems_on_unsolved": guided_any,
+        "unguided_solve_rate_on_unsolved": 0.0 if unsolved else None,
+        "unguided_solve_rate_on_unsolved_fresh": fresh_rate,
+        "nll_expert": nll_expert,
+        "nll_own_correct": nll_own,
+        "own_correct_samples": len(own),
+        "checks": checks,
+        "seconds": round(time.time() - t0, 1),
+    }

@@ -1,0 +1,535 @@
+"""The embedded toy world: synthetic math problems, deterministic from a seed.
+
+Four families, each with answers that exercise a real verifier:
+
+* ``arith``    -- ``(a + b) \\times c - d``: integers, sometimes negative;
+* ``linear``   -- ``a x + b = c`` in one unknown: integers or simplified fractions, either sign;
+* ``fraction`` -- ``\\frac{a}{b} \\pm \\frac{c}{d}``: simplified fractions, integers, negatives;
+* ``decimal``  -- ``p \\times c \\pm q``: decimals such as ``3.75`` (and their negatives).
+
+Every problem has two kinds of worked solution:
+
+* the **expert** demonstration (:func:`expert_solution`): one fixed, textbook-like style in LaTeX,
+  always correct, ending in ``$\\boxed{answer}$.``;
+* the **model style** (:func:`model_solution`): other wording, plain-text arithmetic, a different
+  method or step order where the family allows one (cross-multiplication instead of a common
+  denominator, the addend before the product, ...), and -- with a configurable probability -- a
+  deliberate mistake: one intermediate result is wrong and the error propagates to a wrong boxed
+  answer.
+
+The tiny base model is pretrained on model-style solutions only (plus *guided* examples, whose
+prompt shows the expert solution as a hint), so expert demonstrations are off-policy for it.
+Its arithmetic comes from *fact drills* (:func:`fact_drills`): short texts of the corpus
+solutions' own facts in their wording ("7*2 is 14. 14-6 is 8."), a pretraining on arithmetic tables.
+
+Splits (:func:`make_world`): ``train`` problems (mixed families), one held-out benchmark per family
+named ``toy_<family>``, and a pretraining corpus whose problems are disjoint (by problem text) from
+both. Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any
+
+FAMILIES = ("arith", "linear", "fraction", "decimal")
+
+# ---------------------------------------------------------------------------------------------
+# Number formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt_frac(x: Fraction) -> str:
+    """LaTeX for a rational in lowest terms: ``7``, ``-3``, ``\\frac{7}{3}``, ``-\\frac{1}{2}``."""
+    x = Fraction(x)
+    if x.denominator == 1:
+        return str(x.numerator)
+    sign = "-" if x < 0 else ""
+    return f"{sign}\\frac{{{abs(x.numerator)}}}{{{x.denominator}}}"
+
+
+def fmt_plain_frac(x: Fraction) -> str:
+    """Plain-text rational for the model style: ``7``, ``-7/3``."""
+    x = Fraction(x)
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+def fmt_dec(x: Decimal) -> str:
+    """A decimal without exponent or trailing zeros: ``3.75``, ``4``, ``-0.5``."""
+    x = Decimal(x)
+    if x == x.to_integral_value():
+        return str(int(x))
+    s = format(x.normalize(), "f")
+    return s
+
+
+def _signed_term(n: int) -> str:
+    """``+ 5`` or ``- 5`` for writing ``a x + b`` with b of either sign."""
+    return f"+ {n}" if n >= 0 else f"- {-n}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Families
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ToyProblem:
+    """A generated problem: its family, the drawn parameters and the rendered statement."""
+
+    family: str
+    params: dict[str, Any]
+    problem: str
+    answer: str = ""
+    values: dict[str, Any] = field(default_factory=dict)  # correct intermediate values
+
+
+def _perturb_int(n: int, rng: random.Random) -> int:
+    return n + rng.choice([-10, -2, -1, 1, 2, 10] if abs(n) >= 10 else [-2, -1, 1, 2])
+
+
+def _perturb_frac(x: Fraction, rng: random.Random) -> Fraction:
+    # An arithmetic slip in the numerator (before any reduction).
+    return Fraction(x.numerator + rng.choice([-2, -1, 1, 2]), x.denominator)
+
+
+def _perturb_dec(x: Decimal, rng: random.Random) -> Decimal:
+    exp = x.normalize().as_tuple().exponent
+    unit = Decimal(1).scaleb(min(int(exp), 0)) if isinstance(exp, int) else Decimal(1)
+    return x + rng.choice([-1, 1]) * rng.choice([unit, Decimal(1)])
+
+
+class Family:
+    name: str = ""
+    steps: tuple[str, ...] = ()  # names of computed intermediate values, in model-style order
+
+    def draw(self, rng: random.Random) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def statement(self, p: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def compute(self, p: dict[str, Any], slip: tuple[str, Any] | None = None) -> dict[str, Any]:
+        """Intermediate values; ``slip=(step, wrong_value)`` overrides one step, later ones follow."""
+        raise NotImplementedError
+
+    def perturb(self, step: str, value: Any, rng: random.Random) -> Any:
+        raise NotImplementedError
+
+    def answer(self, v: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def expert(self, p: dict[str, Any], v: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def model(self, p: dict[str, Any], v: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def facts(self, p: dict[str, Any], v: dict[str, Any]) -> list[str]:
+        """The arithmetic facts of the model-style solution, in its wording (``4+3 is 7``)."""
+        raise NotImplementedError
+
+
+def _verb(rng: random.Random) -> str:
+    return rng.choice(["Compute", "Evaluate", "Find the value of"])
+
+
+class Arith(Family):
+    name = "arith"
+    steps = ("s", "p", "r")
+
+    def draw(self, rng):
+        return {"a": rng.randint(1, 5), "b": rng.randint(1, 5), "c": rng.randint(2, 3),
+                "d": rng.randint(1, 9), "verb": _verb(rng)}
+
+    def statement(self, p):
+        return f"{p['verb']} $({p['a']} + {p['b']}) \\times {p['c']} - {p['d']}$."
+
+    def compute(self, p, slip=None):
+        v: dict[str, Any] = {}
+
+        def put(k, x):
+            v[k] = slip[1] if slip and slip[0] == k else x
+
+        put("s", p["a"] + p["b"])
+        put("p", v["s"] * p["c"])
+        put("r", v["p"] - p["d"])
+        return v
+
+    def perturb(self, step, value, rng):
+        return _perturb_int(value, rng)
+
+    def answer(self, v):
+        return str(v["r"])
+
+    def expert(self, p, v):
+        return (f"First, evaluate the parentheses: ${p['a']} + {p['b']} = {v['s']}$. "
+                f"Next, multiply: ${v['s']} \\times {p['c']} = {v['p']}$. "
+                f"Finally, subtract: ${v['p']} - {p['d']} = {v['r']}$. "
+                f"Therefore, the answer is $\\boxed{{{v['r']}}}$.")
+
+    def model(self, p, v):
+        return (f"We want ({p['a']}+{p['b']})*{p['c']}-{p['d']}. "
+                f"{p['a']}+{p['b']} is {v['s']}. "
+                f"{v['s']}*{p['c']} is {v['p']}. "
+                f"{v['p']}-{p['d']} is {v['r']}. "
+                f"So \\boxed{{{v['r']}}}")
+
+    def facts(self, p, v):
+        return [f"{p['a']}+{p['b']} is {v['s']}", f"{v['s']}*{p['c']} is {v['p']}", f"{v['p']}-{p['d']} is {v['r']}"]
+
+
+class Linear(Family):
+    name = "linear"
+    steps = ("m", "x")
+
+    def draw(self, rng):
+        a = rng.randint(2, 4)
+        b = rng.choice([i for i in range(-6, 7) if i != 0])
+        if rng.random() < 0.7:  # mostly integer solutions, sometimes a fraction
+            x = rng.randint(-5, 5)
+            c = a * x + b
+        else:
+            c = rng.randint(-9, 9)
+        return {"a": a, "b": b, "c": c}
+
+    def statement(self, p):
+        return f"Solve for $x$: ${p['a']}x {_signed_term(p['b'])} = {p['c']}$."
+
+    def compute(self, p, slip=None):
+        v: dict[str, Any] = {}
+
+        def put(k, x):
+            v[k] = slip[1] if slip and slip[0] == k else x
+
+        put("m", p["c"] - p["b"])
+        put("x", Fraction(v["m"], p["a"]))
+        return v
+
+    def perturb(self, step, value, rng):
+        if step == "m":
+            return _perturb_int(value, rng)
+        return value + rng.choice([-1, 1])
+
+    def answer(self, v):
+        return fmt_frac(v["x"])
+
+    def expert(self, p, v):
+        a, b, c, m, x = p["a"], p["b"], p["c"], v["m"], v["x"]
+        move = f"Subtract ${b}$ from both sides" if b > 0 else f"Add ${-b}$ to both sides"
+        rhs = f"{c} - {b}" if b > 0 else f"{c} + {-b}"
+        div = f"x = \\frac{{{m}}}{{{a}}}"
+        if fmt_frac(x) != f"\\frac{{{m}}}{{{a}}}":
+            div += f" = {fmt_frac(x)}"
+        return (f"{move}: ${a}x = {rhs} = {m}$. "
+                f"Divide both sides by ${a}$: ${div}$. "
+                f"Therefore, the answer is $\\boxed{{{fmt_frac(x)}}}$.")
+
+    def model(self, p, v):
+        a, b, c, m, x = p["a"], p["b"], p["c"], v["m"], v["x"]
+        rhs = f"{c}-{b}" if b > 0 else f"{c}+{-b}"
+        return (f"We need x with {a}x{'+' if b > 0 else '-'}{abs(b)}={c}. "
+                f"{rhs} is {m}, so {a}x is {m}. "
+                f"{m}/{a} is {fmt_plain_frac(x)}. "
+                f"So \\boxed{{{fmt_frac(x)}}}")
+
+    def facts(self, p, v):
+        b = p["b"]
+        rhs = f"{p['c']}-{b}" if b > 0 else f"{p['c']}+{-b}"
+        return [f"{rhs} is {v['m']}", f"{v['m']}/{p['a']} is {fmt_plain_frac(v['x'])}"]
+
+
+class FractionFamily(Family):
+    name = "fraction"
+    steps = ("n1", "n2", "n", "r")  # model style: cross-multiplication
+
+    def draw(self, rng):
+        b = rng.randint(2, 5)
+        d = rng.choice([k for k in range(2, 6) if k != b])
+        # numerators that do not make a whole number
+        return {"a": rng.choice([k for k in range(1, 7) if k % b]), "b": b,
+                "c": rng.choice([k for k in range(1, 7) if k % d]), "d": d,
+                "op": rng.choice(["+", "-"]), "verb": _verb(rng)}
+
+    def statement(self, p):
+        return (f"{p['verb']} $\\frac{{{p['a']}}}{{{p['b']}}} {p['op']} "
+                f"\\frac{{{p['c']}}}{{{p['d']}}}$.")
+
+    def compute(self, p, slip=None):
+        v: dict[str, Any] = {}
+
+        def put(k, x):
+            v[k] = slip[1] if slip and slip[0] == k else x
+
+        sign = 1 if p["op"] == "+" else -1
+        put("n1", p["a"] * p["d"])
+        put("n2", p["c"] * p["b"])
+        put("n", v["n1"] + sign * v["n2"])
+        put("r", Fraction(v["n"], p["b"] * p["d"]))
+        # The expert's common-denominator route (always computed from the true values).
+        lcm = p["b"] * p["d"] // math.gcd(p["b"], p["d"])
+        v["L"], v["e1"], v["e2"] = lcm, p["a"] * (lcm // p["b"]), p["c"] * (lcm // p["d"])
+        v["en"] = v["e1"] + sign * v["e2"]
+        return v
+
+    def perturb(self, step, value, rng):
+        if step == "r":
+            return _perturb_frac(value, rng)
+        return _perturb_int(value, rng)
+
+    def answer(self, v):
+        return fmt_frac(v["r"])
+
+    def expert(self, p, v):
+        a, b, c, d, op = p["a"], p["b"], p["c"], p["d"], p["op"]
+        L, e1, e2, en = v["L"], v["e1"], v["e2"], v["en"]
+        res = Fraction(en, L)
+        text = (f"The common denominator of ${b}$ and ${d}$ is ${L}$. "
+                f"Rewrite each fraction: $\\frac{{{a}}}{{{b}}} = \\frac{{{e1}}}{{{L}}}$ and "
+                f"$\\frac{{{c}}}{{{d}}} = \\frac{{{e2}}}{{{L}}}$. "
+                f"Combine the numerators: $\\frac{{{e1}}}{{{L}}} {op} \\frac{{{e2}}}{{{L}}} = "
+                f"\\frac{{{en}}}{{{L}}}$. ")
+        if fmt_frac(res) != f"\\frac{{{en}}}{{{L}}}":
+            text += f"Simplify: $\\frac{{{en}}}{{{L}}} = {fmt_frac(res)}$. "
+        return text + f"Therefore, the answer is $\\boxed{{{fmt_frac(res)}}}$."
+
+    def model(self, p, v):
+        a, b, c, d, op = p["a"], p["b"], p["c"], p["d"], p["op"]
+        return (f"Cross multiply {a}/{b} {op} {c}/{d}. "
+                f"{a}*{d} is {v['n1']} and {c}*{b} is {v['n2']}. "
+                f"{v['n1']}{op}{v['n2']} is {v['n']}, over {b}*{d}={b * d}. "
+                f"{v['n']}/{b * d} reduces to {fmt_plain_frac(v['r'])}. "
+                f"So \\boxed{{{fmt_frac(v['r'])}}}")
+
+    def facts(self, p, v):
+        a, b, c, d, op = p["a"], p["b"], p["c"], p["d"], p["op"]
+        return [f"{a}*{d} is {v['n1']}", f"{c}*{b} is {v['n2']}", f"{v['n1']}{op}{v['n2']} is {v['n']}",
+                f"{v['n']}/{b * d} reduces to {fmt_plain_frac(v['r'])}"]
+
+
+class DecimalFamily(Family):
+    name = "decimal"
+    steps = ("m", "r")
+
+    def draw(self, rng):
+        places = 2 if rng.random() < 0.2 else 1
+        p = Decimal(rng.randint(1, 2 * 10 ** places - 1)).scaleb(-places)
+        q = Decimal(rng.randint(1, 20)).scaleb(-1)
+        if p == p.to_integral_value() or q == q.to_integral_value():
+            # keep both operands genuinely decimal
+            p += Decimal("0.5") if p == p.to_integral_value() else 0
+            q += Decimal("0.5") if q == q.to_integral_value() else 0
+        return {"p": fmt_dec(p), "c": rng.randint(2, 3), "q": fmt_dec(q),
+                "op": rng.choice(["+", "-"]), "verb": _verb(rng)}
+
+    def statement(self, p):
+        return f"{p['verb']} ${p['p']} \\times {p['c']} {p['op']} {p['q']}$."
+
+    def compute(self, p, slip=None):
+        v: dict[str, Any] = {}
+
+        def put(k, x):
+            v[k] = slip[1] if slip and slip[0] == k else x
+
+        put("m", Decimal(p["p"]) * p["c"])
+        q = Decimal(p["q"])
+        put("r", v["m"] + q if p["op"] == "+" else v["m"] - q)
+        return v
+
+    def perturb(self, step, value, rng):
+        return _perturb_dec(value, rng)
+
+    def answer(self, v):
+        return fmt_dec(v["r"])
+
+    def expert(self, p, v):
+        verb = "add" if p["op"] == "+" else "subtract"
+        return (f"First, multiply: ${p['p']} \\times {p['c']} = {fmt_dec(v['m'])}$. "
+                f"Then {verb}: ${fmt_dec(v['m'])} {p['op']} {p['q']} = {fmt_dec(v['r'])}$. "
+                f"Therefore, the answer is $\\boxed{{{fmt_dec(v['r'])}}}$.")
+
+    def model(self, p, v):
+        return (f"We want {p['p']}*{p['c']}{p['op']}{p['q']}. "
+                f"{p['p']}*{p['c']} is {fmt_dec(v['m'])}. "
+                f"{fmt_dec(v['m'])}{p['op']}{p['q']} is {fmt_dec(v['r'])}. "
+                f"So \\boxed{{{fmt_dec(v['r'])}}}")
+
+    def facts(self, p, v):
+        return [f"{p['p']}*{p['c']} is {fmt_dec(v['m'])}", f"{fmt_dec(v['m'])}{p['op']}{p['q']} is {fmt_dec(v['r'])}"]
+
+
+FAMILY_IMPL: dict[str, Family] = {f.name: f for f in (Arith(), Linear(), FractionFamily(), DecimalFamily())}
+
+
+def family(name: str) -> Family:
+    try:
+        return FAMILY_IMPL[name]
+    except KeyError:
+        raise ValueError(f"unknown toy family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems and solutions
+# ---------------------------------------------------------------------------------------------
+
+
+def draw_problem(family_name: str, rng: random.Random) -> ToyProblem:
+    fam = family(family_name)
+    p = fam.draw(rng)
+    v = fam.compute(p)
+    return ToyProblem(family_name, p, fam.statement(p), fam.answer(v), v)
+
+
+def expert_solution(tp: ToyProblem) -> str:
+    """The expert demonstration: fixed textbook style, always correct."""
+    return family(tp.family).expert(tp.params, tp.values)
+
+
+def model_solution(tp: ToyProblem, rng: random.Random, mistake_rate: float = 0.0) -> tuple[str, bool]:
+    """A solution in the model's own style; with probability ``mistake_rate`` one intermediate
+    result is wrong and the error propagates to the boxed answer. Returns ``(text, correct)``."""
+    fam = family(tp.family)
+    if rng.random() >= mistake_rate:
+        return fam.model(tp.params, tp.values), True
+    step = rng.choice(fam.steps)
+    for _ in range(20):
+        wrong = fam.perturb(step, tp.values[step], rng)
+        v = fam.compute(tp.params, slip=(step, wrong))
+        if fam.answer(v) != tp.answer:
+            return fam.model(tp.params, v), False
+    raise RuntimeError(f"could not make a wrong solution for {tp.problem!r}")  # pragma: no cover
+
+
+def to_record(tp: ToyProblem, pid: str) -> dict:
+    """A problem record per docs/records.md."""
+    return {"id": pid, "problem": tp.problem, "solution": expert_solution(tp), "answer": tp.answer,
+            "source": tp.family}
+
+
+@dataclass
+class World:
+    train: list[dict]
+    benchmarks: dict[str, list[dict]]
+    corpus: list[ToyProblem]  # pretraining problems (disjoint by text from train and benchmarks)
+
+
+def math_key(problem: str) -> str:
+    """The mathematical content of a statement (the wording variant such as "Compute" dropped):
+    splits are disjoint on this key, so no split holds a reworded copy of another's problem."""
+    return problem[problem.find("$"):]
+
+
+def _unique_problems(fams: list[str], rng: random.Random, seen: set[str]) -> list[ToyProblem]:
+    out = []
+    for fam in fams:
+        for _ in range(10_000):
+            tp = draw_problem(fam, rng)
+            if math_key(tp.problem) not in seen:
+                break
+        else:  # pragma: no cover - the spaces are far larger than the splits
+            raise RuntimeError(f"toy family {fam!r} ran out of distinct problems")
+        seen.add(math_key(tp.problem))
+        out.append(tp)
+    return out
+
+
+def make_world(seed: int = 0, n_train: int = 400, n_bench: int = 100, n_corpus: int = 4000,
+               families: tuple[str, ...] | list[str] = FAMILIES) -> World:
+    """All splits from one seed. ``train`` mixes the families in a shuffled balanced order;
+    benchmarks hold ``n_bench`` problems per family; the corpus ``n_corpus`` mixed problems.
+    No problem occurs twice (by :func:`math_key`) in or across train and the benchmarks, and no
+    corpus problem is one of them (the corpus may repeat its own problems)."""
+    families = tuple(families)
+    for f in families:
+        family(f)
+    if n_train < 0 or n_bench < 0 or n_corpus < 0:
+        raise ValueError("toy world sizes must be >= 0")
+    seen: set[str] = set()
+    # Benchmarks first, then train, then the corpus: each later split avoids the earlier ones.
+    benchmarks: dict[str, list[dict]] = {}
+    for k, fam in enumerate(families):
+        rng = random.Random(seed * 1_000_003 + 101 + k)
+        probs = _unique_problems([fam] * n_bench, rng, seen)
+        benchmarks[f"toy_{fam}"] = [to_record(tp, f"toy_{fam}-{i:05d}") for i, tp in enumerate(probs)]
+
+    rng = random.Random(seed * 1_000_003 + 1)
+    fams = [families[i % len(families)] for i in range(n_train)]
+    rng.shuffle(fams)
+    counters = dict.fromkeys(families, 0)
+    train = []
+    for tp in _unique_problems(fams, rng, seen):
+        train.append(to_record(tp, f"{tp.family}-{counters[tp.family]:05d}"))
+        counters[tp.family] += 1
+
+    # The corpus avoids every held-out problem; it may repeat its own (the families are small).
+    rng = random.Random(seed * 1_000_003 + 2)
+    cf = [families[i % len(families)] for i in range(n_corpus)]
+    rng.shuffle(cf)
+    corpus = []
+    for fam in cf:
+        for _ in range(10_000):
+            tp = draw_problem(fam, rng)
+            if math_key(tp.problem) not in seen:
+                break
+        else:  # pragma: no cover
+            raise RuntimeError(f"toy family {fam!r}: every problem is held out")
+        corpus.append(tp)
+    return World(train=train, benchmarks=benchmarks, corpus=corpus)
+
+
+@dataclass(frozen=True)
+class PretrainExample:
+    """One chat example for pretraining: the prompt is rendered from ``problem`` (and ``hint``,
+    the expert solution, for a guided example); ``response`` is a model-style solution."""
+
+    problem: str
+    hint: str | None
+    response: str
+    correct: bool
+
+
+def pretraining_examples(corpus: list[ToyProblem], seed: int = 0, mistake_rate: float = 0.25,
+                         guided_frac: float = 0.3, guided_mistake_rate: float = 0.05) -> list[PretrainExample]:
+    """One example per corpus problem, deterministic from ``seed``: with probability
+    ``guided_frac`` a guided example (the expert solution as hint, a mostly correct model-style
+    answer with mistakes at ``guided_mistake_rate``), else a plain one with mistakes at
+    ``mistake_rate``."""
+    for name, x in (("mistake_rate", mistake_rate), ("guided_frac", guided_frac),
+                    ("guided_mistake_rate", guided_mistake_rate)):
+        if not 0.0 <= x <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {x}")
+    rng = random.Random(seed * 1_000_003 + 3)
+    out = []
+    for tp in corpus:
+        guided = rng.random() < guided_frac
+        text, ok = model_solution(tp, rng, guided_mistake_rate if guided else mistake_rate)
+        out.append(PretrainExample(tp.problem, expert_solution(tp) if guided else None, text, ok))
+    return out
+
+
+def fact_drills(corpus: list[ToyProblem], n_drills: int, facts_per_drill: int = 8, seed: int = 0) -> list[str]:
+    """Arithmetic-table drills for pretraining: ``n_drills`` short texts, each ``facts_per_drill``
+    correct facts of the corpus problems' model-style solutions, in the same wording
+    (``"4+3 is 7. 7*2 is 14. ..."``). The fact pool is the corpus's facts (held-out problems
+    contribute none), shuffled and cycled deterministically from ``seed``."""
+    if n_drills < 0 or facts_per_drill < 1:
+        raise ValueError("fact drills need n_drills >= 0 and facts_per_drill >= 1")
+    pool = [f for tp in corpus for f in family(tp.family).facts(tp.params, tp.values)]
+    if n_drills and not pool:
+        raise ValueError("fact drills: the corpus is empty")
+    rng = random.Random(seed * 1_000_003 + 4)
+    order: list[str] = []
+    out = []
+    for _ in range(n_drills):
+        facts = []
+        while len(facts) < facts_per_drill:
+            if not order:
+                order = pool[:]
+                rng.shuffle(order)
+            facts.append(order.pop())
+        out.append(". ".join(facts) + ".")
+    return out

@@ -1,0 +1,178 @@
+"""prepare: the training problems, the held-out benchmarks and the base model.
+
+Reads params ``prepare``, ``model`` and ``prompt``. Writes ``data/prepare/train.jsonl``,
+``data/prepare/benchmarks/<name>.jsonl`` (problem records per docs/records.md), ``models/base/``
+and ``metrics/prepare.json``.
+
+* ``prepare.source: toy`` -- the embedded synthetic world (drsft.world): ``prepare.toy`` sizes and
+  style rates. ``files`` -- training problems from a local jsonl/parquet through the field mapping
+  in ``prepare.files.train`` and benchmarks from ``prepare.files.benchmarks`` (a list of
+  ``{name, path}``), both through drsft.data.
+* ``model.base: toy`` -- pretrain the embedded tiny Llama on the toy corpus into ``models/base``
+  (``prepare.pretrain``; needs ``prepare.source: toy``): chat examples (drsft.world.pretraining_examples)
+  plus ``prepare.toy.n_drills`` arithmetic-table drills (drsft.world.fact_drills) on a
+  ``prepare.pretrain.drill_frac`` share of the steps. Any other value (hub id or local path) --
+  write ``models/base/reference.json`` = ``{"model": ...}`` (referenced, not copied).
+* The probe (drsft.probe, ``prepare.probe``) measures the world's properties with the shared
+  sampler, verifier and scorer; ``enabled: auto`` runs it for the toy model only (a hub model on
+  CPU would be far too slow), ``true``/``false`` force it.
+"""
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import click  # noqa: E402
+
+from drsft.io import DataError, write_json, write_jsonl  # noqa: E402
+from drsft.params import ParamsError, load_params, section  # noqa: E402
+from drsft.stage import clear_errors, log  # noqa: E402
+
+TOY_DEFAULTS = {"n_train": 400, "n_bench": 100, "n_corpus": 6000, "mistake_rate": 0.25, "guided_frac": 0.3,
+                "guided_mistake_rate": 0.05, "families": ["arith", "linear", "fraction", "decimal"],
+                "n_drills": 0, "drill_facts": 8}
+PRETRAIN_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "steps",
+                 "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "max_length", "threads",
+                 "log_every", "drill_frac", "drill_batch_size")
+
+
+def _get(cfg: dict, key: str, where: str):
+    if key not in cfg:
+        raise ParamsError(f"params.yaml: missing key '{key}' in '{where}'")
+    return cfg[key]
+
+
+def toy_problems(prep: dict):
+    from drsft.world import make_world
+
+    toy = {**TOY_DEFAULTS, **(prep.get("toy") or {})}
+    try:
+        return make_world(seed=int(_get(prep, "seed", "prepare")), n_train=int(toy["n_train"]),
+                          n_bench=int(toy["n_bench"]), n_corpus=int(toy["n_corpus"]), families=toy["families"]), toy
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"params.yaml: prepare.toy: {exc}") from None
+
+
+def file_problems(prep: dict) -> tuple[list[dict], dict[str, list[dict]]]:
+    from drsft.data import load_benchmark, load_problems
+
+    files = prep.get("files") or {}
+    tr = _get(files, "train", "prepare.files")
+    train = load_problems(_get(tr, "path", "prepare.files.train"), problem=_get(tr, "problem", "prepare.files.train"),
+                          solution=_get(tr, "solution", "prepare.files.train"), answer=tr.get("answer"),
+                          limit=tr.get("limit"), source=tr.get("source"))
+    benchmarks: dict[str, list[dict]] = {}
+    for i, b in enumerate(files.get("benchmarks") or []):
+        if not isinstance(b, dict) or "name" not in b or "path" not in b:
+            raise ParamsError(f"params.yaml: prepare.files.benchmarks[{i}] must be a mapping with 'name' and 'path'")
+        if b["name"] in benchmarks:
+            raise ParamsError(f"params.yaml: prepare.files.benchmarks: duplicate name {b['name']!r}")
+        benchmarks[str(b["name"])] = load_benchmark(str(b["name"]), str(b["path"]))
+    if not train:
+        raise DataError(tr["path"], None, "no training problems")
+    return train, benchmarks
+
+
+def _fresh_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/prepare", model_dir="models/base",
+                metrics_path="metrics/prepare.json", log=print) -> dict:
+    from drsft.world import fact_drills, pretraining_examples
+
+    t0 = time.time()
+    data_dir, model_dir = Path(data_dir), Path(model_dir)
+    source = _get(prep, "source", "prepare")
+    base = str(_get(model_cfg, "base", "model"))
+    if base == "toy" and source != "toy":
+        raise ParamsError("params.yaml: model.base 'toy' is pretrained on the toy world: it needs prepare.source: toy")
+    metrics: dict = {"source": source, "model": {"base": base}}
+    world = None
+    if source == "toy":
+        world, toy = toy_problems(prep)
+        train, benchmarks = world.train, world.benchmarks
+        metrics["toy"] = {k: toy[k] for k in sorted(toy)}
+    elif source == "files":
+        train, benchmarks = file_problems(prep)
+    else:
+        raise ParamsError(f"params.yaml: prepare.source must be 'toy' or 'files', got {source!r}")
+
+    write_jsonl(data_dir / "train.jsonl", train)
+    _fresh_dir(data_dir / "benchmarks")
+    for name, recs in benchmarks.items():
+        write_jsonl(data_dir / "benchmarks" / f"{name}.jsonl", recs)
+    counts = {"train": len(train), "benchmarks": {k: len(v) for k, v in benchmarks.items()}, "train_by_source": {}}
+    for r in train:
+        counts["train_by_source"][r["source"]] = counts["train_by_source"].get(r["source"], 0) + 1
+    if world is not None:
+        counts["corpus"] = len(world.corpus)
+    metrics["counts"] = counts
+    log(f"prepare: {len(train)} train problems, benchmarks {counts['benchmarks']}")
+
+    _fresh_dir(model_dir)
+    if base == "toy":
+        from drsft.tinylm import pretrain
+
+        pcfg = prep.get("pretrain") or {}
+        unknown = sorted(set(pcfg) - set(PRETRAIN_KEYS))
+        if unknown:
+            raise ParamsError(f"params.yaml: prepare.pretrain: unknown key(s) {unknown}")
+        try:
+            examples = pretraining_examples(world.corpus, seed=int(prep["seed"]), mistake_rate=float(toy["mistake_rate"]),
+                                            guided_frac=float(toy["guided_frac"]),
+                                            guided_mistake_rate=float(toy["guided_mistake_rate"]))
+            drills = fact_drills(world.corpus, int(toy["n_drills"]), int(toy["drill_facts"]), seed=int(prep["seed"]))
+        except ValueError as exc:
+            raise ParamsError(f"params.yaml: prepare.toy: {exc}") from None
+        summary = pretrain(model_dir, examples, prompt_cfg, seed=int(prep["seed"]), log=log, drills=drills,
+                           **pcfg)
+        summary["guided_examples"] = sum(e.hint is not None for e in examples)
+        summary["wrong_examples"] = sum(not e.correct for e in examples)
+        metrics["model"]["pretrain"] = summary
+    else:
+        write_json(model_dir / "reference.json", {"model": base})
+        log(f"prepare: models/base references {base!r} (not copied)")
+
+    pr = prep.get("probe") or {}
+    enabled = pr.get("enabled", "auto")
+    if enabled not in ("auto", True, False):
+        raise ParamsError(f"params.yaml: prepare.probe.enabled must be auto, true or false, got {enabled!r}")
+    if enabled is True or (enabled == "auto" and base == "toy"):
+        from drsft.probe import probe_world
+
+        cfg = {k: v for k, v in pr.items() if k not in ("enabled", "verify_workers", "verify_timeout_s")}
+        metrics["world"] = probe_world(str(model_dir), train, prompt_cfg, cfg,
+                                       verify_workers=int(pr.get("verify_workers", 2)),
+                                       verify_timeout_s=float(pr.get("verify_timeout_s", 5)),
+                                       trust_remote_code=bool(model_cfg.get("trust_remote_code", False)), log=log)
+        bad = [k for k, ok in metrics["world"]["checks"].items() if not ok]
+        if bad:
+            log(f"prepare: WARNING: world property check(s) failed: {bad}")
+    else:
+        metrics["world"] = {"skipped": f"probe disabled (prepare.probe.enabled={enabled}, model.base={base!r})"}
+    metrics["seconds"] = round(time.time() - t0, 1)
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--data", "data_dir", default="data/prepare", show_default=True)
+@click.option("--model", "model_dir", default="models/base", show_default=True)
+@click.option("--metrics", default="metrics/prepare.json", show_default=True)
+@clear_errors
+def main(params_path, data_dir, model_dir, metrics):
+    params = load_params(params_path)
+    summary = run_prepare(section(params, "prepare"), section(params, "model"), section(params, "prompt"),
+                          data_dir=data_dir, model_dir=model_dir, metrics_path=metrics, log=log.info)
+    log.info("prepare done in %.1fs", summary["seconds"])
+
+
+if __name__ == "__main__":
+    main()

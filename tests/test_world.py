@@ -1,0 +1,217 @@
+"""The embedded toy world (drsft.world), the tiny model's pretraining and the prepare stage."""
+
+import hashlib
+import json
+import random
+import re
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from drsft import world as W
+from drsft.world import FAMILIES, expert_solution, make_world, math_key, model_solution, pretraining_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+def last_boxed(text):
+    found = BOXED.findall(text)
+    return found[-1] if found else None
+
+
+def parse_answer(s):
+    """Exact value of an answer string (integer, decimal or \\frac), for checking the world itself."""
+    m = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}", s)
+    if m:
+        return Fraction(int(m.group(2)), int(m.group(3))) * (-1 if m.group(1) else 1)
+    assert re.fullmatch(r"-?\d+(\.\d+)?", s), s
+    return Fraction(s)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(seed=0, n_train=200, n_bench=50, n_corpus=1000)
+
+
+def all_problems(w):
+    return w.train + [r for recs in w.benchmarks.values() for r in recs]
+
+
+def test_records_have_the_documented_fields(world):
+    assert sorted(world.benchmarks) == [f"toy_{f}" for f in sorted(FAMILIES)]
+    for recs in world.benchmarks.values():
+        assert len(recs) == 50
+    assert len(world.train) == 200 and len(world.corpus) == 1000
+    ids = set()
+    for rec in all_problems(world):
+        assert set(rec) == {"id", "problem", "solution", "answer", "source"}
+        assert all(isinstance(v, str) and v for v in rec.values())
+        assert rec["id"] not in ids
+        ids.add(rec["id"])
+        assert rec["source"] in FAMILIES
+    assert {r["source"] for r in world.train} == set(FAMILIES)
+    assert re.fullmatch(r"(arith|linear|fraction|decimal)-\d{5}", world.train[0]["id"])
+
+
+def test_expert_answers_are_correct(world):
+    """The boxed value equals the answer, and the answer is the true value of the problem."""
+    for rec in all_problems(world):
+        assert last_boxed(rec["solution"]) == rec["answer"]
+        assert rec["solution"].rstrip().endswith(f"\\boxed{{{rec['answer']}}}$.")
+        nums = [Fraction(x) for x in re.findall(r"-?\d+(?:\.\d+)?", rec["problem"].replace("$x$", ""))]
+        value = parse_answer(rec["answer"])
+        if rec["source"] == "arith":
+            a, b, c, d = nums
+            assert value == (a + b) * c - d
+        elif rec["source"] == "linear":
+            a, b, c = nums  # "Solve for $x$: $ax - b = c$": the sign of b is in the text
+            b = -abs(b) if re.search(r"x - \d", rec["problem"]) else b
+            assert a * value + b == c
+        elif rec["source"] == "fraction":
+            a, b, c, d = nums
+            op = 1 if " + \\frac" in rec["problem"] else -1
+            assert value == Fraction(int(a), int(b)) + op * Fraction(int(c), int(d))
+        else:
+            p, c, q = nums
+            op = 1 if " + " in rec["problem"] else -1
+            assert value == p * c + op * abs(q)
+
+
+def test_answers_cover_fractions_negatives_decimals(world):
+    answers = [r["answer"] for r in all_problems(world)]
+    fracs = [a for a in answers if "\\frac" in a]
+    assert fracs and any(a.startswith("-\\frac") for a in fracs)
+    for a in fracs:  # simplified, sign outside, denominator > 1
+        m = re.fullmatch(r"-?\\frac\{(\d+)\}\{(\d+)\}", a)
+        assert m, a
+        num, den = int(m.group(1)), int(m.group(2))
+        assert den > 1 and Fraction(num, den).denominator == den
+    assert any(re.fullmatch(r"-\d+", a) for a in answers)
+    decimals = [a for a in answers if re.fullmatch(r"-?\d+\.\d+", a)]
+    assert decimals and all(not a.endswith("0") for a in decimals)
+    assert W.fmt_frac(Fraction(-2, 4)) == "-\\frac{1}{2}" and W.fmt_frac(Fraction(14, 7)) == "2"
+    assert W.fmt_dec(W.Decimal("3.750")) == "3.75" and W.fmt_dec(W.Decimal("4.0")) == "4"
+
+
+def test_deterministic_from_seed():
+    a = make_world(seed=3, n_train=40, n_bench=10, n_corpus=100)
+    b = make_world(seed=3, n_train=40, n_bench=10, n_corpus=100)
+    c = make_world(seed=4, n_train=40, n_bench=10, n_corpus=100)
+    assert a.train == b.train and a.benchmarks == b.benchmarks
+    assert [t.problem for t in a.corpus] == [t.problem for t in b.corpus]
+    assert pretraining_examples(a.corpus, 1) == pretraining_examples(b.corpus, 1)
+    assert a.train != c.train
+
+
+def test_corpus_disjoint_from_train_and_benchmarks(world):
+    held = [math_key(r["problem"]) for r in all_problems(world)]
+    assert len(held) == len(set(held))
+    corpus = {math_key(t.problem) for t in world.corpus}
+    assert len(corpus) >= 200  # many distinct problems; repeats are allowed (small families)
+    assert not corpus & set(held)
+
+
+def test_model_style_differs_from_expert_style(world):
+    rng = random.Random(0)
+    for tp in world.corpus[:200]:
+        expert = expert_solution(tp)
+        text, ok = model_solution(tp, rng, mistake_rate=0.0)
+        assert ok and last_boxed(text) == tp.answer
+        assert "$" not in text and "Therefore" not in text and "hint" not in text.lower()
+        words_e, words_m = expert.split(), text.split()
+        grams = {tuple(words_e[i:i + 6]) for i in range(len(words_e) - 5)}
+        assert not any(tuple(words_m[i:i + 6]) in grams for i in range(len(words_m) - 5))
+        assert text.split()[0] != expert.split()[0]
+
+
+def test_mistakes_happen_at_the_configured_rate(world):
+    rng = random.Random(1)
+    for rate in (0.0, 0.3, 1.0):
+        results = [model_solution(tp, rng, mistake_rate=rate) for tp in world.corpus]
+        wrong = [(tp, text) for tp, (text, ok) in zip(world.corpus, results) if not ok]
+        assert abs(len(wrong) / len(results) - rate) < 0.05
+        for tp, text in wrong:  # the error propagates to the boxed answer
+            assert last_boxed(text) is not None and last_boxed(text) != tp.answer
+    for tp, (text, ok) in zip(world.corpus, [model_solution(tp, rng, 0.0) for tp in world.corpus]):
+        assert ok and last_boxed(text) == tp.answer
+
+
+def test_pretraining_examples_mix_plain_and_guided(world):
+    ex = pretraining_examples(world.corpus, seed=0, mistake_rate=0.3, guided_frac=0.4, guided_mistake_rate=0.0)
+    guided = [e for e in ex if e.hint is not None]
+    assert 0.3 < len(guided) / len(ex) < 0.5
+    assert all(e.correct for e in guided)
+    plain = [e for e in ex if e.hint is None]
+    assert 0.2 < sum(not e.correct for e in plain) / len(plain) < 0.4
+    with pytest.raises(ValueError):
+        pretraining_examples(world.corpus, mistake_rate=1.5)
+
+
+def test_fact_drills_are_correct_facts_in_the_model_wording(world):
+    drills = W.fact_drills(world.corpus, n_drills=50, facts_per_drill=6, seed=0)
+    assert len(drills) == 50 and drills == W.fact_drills(world.corpus, n_drills=50, facts_per_drill=6, seed=0)
+    assert drills != W.fact_drills(world.corpus, n_drills=50, facts_per_drill=6, seed=1)
+    solutions = " ".join(W.family(tp.family).model(tp.params, tp.values) for tp in world.corpus)
+    for d in drills:
+        facts = d.rstrip(".").split(". ")
+        assert len(facts) == 6
+        for f in facts:
+            assert f + "." in solutions or f + "," in solutions, f  # same wording as the solutions
+            lhs, rhs = f.replace(" reduces to ", " is ").split(" is ")
+            m = re.fullmatch(r"(-?[\d.]+)([-+*/])(-?[\d.]+)", lhs)
+            x, op, y = Fraction(m.group(1)), m.group(2), Fraction(m.group(3))
+            want = {"+": x + y, "-": x - y, "*": x * y, "/": x / y if y else None}[op]
+            assert want == Fraction(rhs), f  # every drilled fact is true
+    held_out = {math_key(r["problem"]) for r in all_problems(world)}
+    assert all(math_key(tp.problem) not in held_out for tp in world.corpus)  # facts come from the corpus only
+    with pytest.raises(ValueError):
+        W.fact_drills(world.corpus, n_drills=1, facts_per_drill=0)
+
+
+def test_pretrain_saves_a_loadable_deterministic_model(tmp_path, prompt_cfg):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drsft.prompts import render_prompt
+    from drsft.tinylm import pretrain
+
+    w = make_world(seed=0, n_train=0, n_bench=0, n_corpus=40)
+    ex = pretraining_examples(w.corpus, seed=0, guided_frac=0.5)
+    kw = dict(seed=0, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=4,
+              batch_size=8, threads=1, log=lambda *_: None)
+    kw["drills"], kw["drill_frac"] = W.fact_drills(w.corpus, n_drills=20, facts_per_drill=4), 0.5
+    s1 = pretrain(tmp_path / "a", ex, prompt_cfg, **kw)
+    pretrain(tmp_path / "b", ex, prompt_cfg, **kw)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert s1["steps"] == 4 and s1["params"] > 0 and s1["loss_final"] > 0 and s1["drill_steps"] == 2
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert tok.chat_template and model.config.vocab_size == len(tok)
+    assert render_prompt(tok, "1+1?", prompt_cfg).endswith("<|assistant|>\n")
+
+
+def _sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_default_prepare_world_properties(tmp_path):
+    """Runs the real default ``prepare`` (minutes) and checks the world's three properties."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "stages" / "prepare.py"), "--params", str(ROOT / "params.yaml"),
+           "--data", str(out / "data"), "--model", str(out / "model"), "--metrics", str(out / "prepare.json")]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=900)
+    m = json.loads((out / "prepare.json").read_text())
+    w = m["world"]
+    assert 0.2 <= w["solve_rate"] <= 0.7
+    assert w["unsolved_share"] >= 0.15
+    assert w["guided_solve_rate_on_unsolved"] > w["unguided_solve_rate_on_unsolved_fresh"]
+    assert w["guided_solved_problems_on_unsolved"] < w["unsolved"]
+    assert w["nll_expert"] > w["nll_own_correct"]
+    assert all(w["checks"].values())
+    assert (out / "model" / "config.json").exists()
+    assert len((out / "data" / "train.jsonl").read_text().splitlines()) == m["counts"]["train"]
