@@ -18,7 +18,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.drsft-installed
 
-.PHONY: install repro test test-fast bench clean-venv
+.PHONY: install repro test test-fast bench ablation clean-venv
 
 install: $(STAMP)
 
@@ -31,14 +31,31 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch, deepspeed, transformers, dvc, math_verify; print('torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
 	touch $@
 
+# Stage commands call `python`: the venv's, through PATH.
 repro: install
-	$(VENV)/bin/dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+
+# Artifacts (data/, models/) to and from the DVC remote. Default: the `localstore` remote of
+# .dvc/config, a directory beside the repo (../drsft-dvc-remote, created by the first push).
+# Another remote: `make push DVC_REMOTE=s3` (see docs/remote.md).
+DVC_REMOTE ?=
+.PHONY: push pull
+
+push: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc push $(if $(DVC_REMOTE),-r $(DVC_REMOTE))
+
+pull: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc pull $(if $(DVC_REMOTE),-r $(DVC_REMOTE))
 
 test: install
-	$(PY) -m pytest -q tests
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests
 
 test-fast: install
-	$(PY) -m pytest -q tests -m "not slow"
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests -m "not slow"
+
+# The paper's comparison: SFT, DFT, DR+SFT, DR+DFT as `dvc exp run` arms; prints a markdown table.
+ablation: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/ablation.py
 
 bench: install
 	$(PY) bench/sample_bench.py

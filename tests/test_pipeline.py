@@ -118,3 +118,22 @@ def test_train_param_change_reruns_only_train_and_evaluate(repo, first_repro):
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run([str(Path(sys.executable).parent / "dvc"), "repro"], dst, env)
     assert _ran_stages(out) == {"train", "evaluate"}
+
+
+def test_guided_align_param_change_reruns_only_downstream(repo, first_repro):
+    dst, env = repo
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["guided_align"]["max_shared_ngram"] = params["guided_align"]["max_shared_ngram"] + 1
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run([str(Path(sys.executable).parent / "dvc"), "repro"], dst, env)
+    ran = _ran_stages(out)
+    assert {"guided_align"} <= ran <= {"guided_align", "fallback", "train", "evaluate"}, ran
+
+
+def test_exp_run_with_a_loss_reruns_only_train_and_evaluate(repo, first_repro):
+    dst, env = repo
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "params"], dst, env)
+    out = _run([str(Path(sys.executable).parent / "dvc"), "exp", "run", "-S", "train.loss=dft"], dst, env)
+    assert _ran_stages(out) == {"train", "evaluate"}
+    metrics = json.loads((dst / "metrics/train.json").read_text())
+    assert metrics["loss"] == "dft"

@@ -198,13 +198,19 @@ def _sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-@pytest.mark.slow
-def test_default_prepare_world_properties(tmp_path):
-    """Runs the real default ``prepare`` (minutes) and checks the world's three properties."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def default_world(tmp_path_factory):
+    """The real default ``prepare`` (minutes), run once for the tests below."""
+    out = tmp_path_factory.mktemp("default_world")
     cmd = [sys.executable, str(ROOT / "stages" / "prepare.py"), "--params", str(ROOT / "params.yaml"),
            "--data", str(out / "data"), "--model", str(out / "model"), "--metrics", str(out / "prepare.json")]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=900)
+    return out
+
+
+@pytest.mark.slow
+def test_default_prepare_world_properties(default_world):
+    out = default_world
     m = json.loads((out / "prepare.json").read_text())
     w = m["world"]
     assert 0.2 <= w["solve_rate"] <= 0.7
@@ -215,3 +221,36 @@ def test_default_prepare_world_properties(tmp_path):
     assert all(w["checks"].values())
     assert (out / "model" / "config.json").exists()
     assert len((out / "data" / "train.jsonl").read_text().splitlines()) == m["counts"]["train"]
+
+
+@pytest.mark.slow
+def test_default_world_rewrite_has_all_tiers_and_closes_the_gap(default_world):
+    """The rewriting stages on the default world: every tier non-empty, every train problem
+    exactly once (keep_per_problem 1), and the rewritten set closer to the base model than the
+    expert set (the paper's premise, measured)."""
+    out = default_world
+    data, model, m = out / "data", out / "model", out / "metrics"
+    stages = [
+        ["sample.py", "--problems", data / "train.jsonl", "--model", model, "--out", out / "sample",
+         "--metrics", m / "sample.json", "--no-progress"],
+        ["verify.py", "--problems", data / "train.jsonl", "--samples", out / "sample",
+         "--out", out / "verify" / "verdicts.jsonl", "--metrics", m / "verify.json"],
+        ["self_align.py", "--problems", data / "train.jsonl", "--samples", out / "sample",
+         "--verdicts", out / "verify" / "verdicts.jsonl", "--out", out / "self_align", "--metrics", m / "self.json"],
+        ["guided_align.py", "--problems", data / "train.jsonl", "--unsolved", out / "self_align" / "unsolved.jsonl",
+         "--model", model, "--out", out / "guided", "--metrics", m / "guided.json"],
+        ["fallback.py", "--problems", data / "train.jsonl", "--self-rows", out / "self_align" / "selected.jsonl",
+         "--guided-rows", out / "guided" / "selected.jsonl", "--unsolved", out / "guided" / "unsolved.jsonl",
+         "--model", model, "--out", out / "train", "--metrics", m / "rewrite.json", "--plot-csv", m / "nll.csv"],
+    ]
+    for script, *args in stages:
+        subprocess.run([sys.executable, str(ROOT / "stages" / script), "--params", str(ROOT / "params.yaml"),
+                        *map(str, args)], check=True, cwd=ROOT, timeout=900)
+    r = json.loads((m / "rewrite.json").read_text())
+    assert all(r["tiers"][t]["count"] > 0 for t in ("self", "guided", "fallback")), r["tiers"]
+    n_train = len((data / "train.jsonl").read_text().splitlines())
+    rows = [json.loads(line) for line in (out / "train" / "rewritten.jsonl").read_text().splitlines()]
+    assert sorted(r["problem_id"] for r in rows) == sorted({r["problem_id"] for r in rows})
+    assert len(rows) == n_train == r["problems"]
+    assert r["nll"]["rewritten"] < r["nll"]["expert"]
+    assert r["nll"]["self"] < r["nll"]["expert"] and r["nll"]["guided"] < r["nll"]["expert"]
