@@ -100,6 +100,12 @@ def table(arm_names: list[str]) -> str:
 def main(with_is: bool, table_only: bool):
     arms = ARMS + (IS_ARMS if with_is else [])
     if not table_only:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        if dirty:
+            raise click.ClickException("the git workspace has uncommitted changes: commit them first (each arm is a "
+                                       "`dvc exp run` from the current commit, and the workspace is restored after)\n"
+                                       + dirty)
         _dvc("repro")  # the shared upstream stages, once (a no-op when up to date)
         for name, data, loss in arms:
             existing = _dvc("exp", "list", "--name-only")
@@ -108,6 +114,9 @@ def main(with_is: bool, table_only: bool):
             out = _dvc("exp", "run", "-n", name, "-S", f"train.data={data}", "-S", f"train.loss={loss}")
             ran = re.findall(r"Running stage '([^']+)'", out)
             click.echo(f"{name}: ran {', '.join(ran) or 'nothing (all cached)'}", err=True)
+        # `dvc exp run` leaves the last arm in the workspace: go back to the committed baseline.
+        subprocess.run(["git", "checkout", "HEAD", "--", "."], check=True)
+        _dvc("checkout", "--force")
     click.echo(table([a[0] for a in arms]))
 
 
