@@ -54,7 +54,6 @@ the summary to ``metrics/train.json``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -68,7 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drsft.io import DataError, atomic_path, dumps, iter_jsonl, require, write_json
+from drsft.fingerprint import file_sha256, fingerprint, model_fingerprint
+from drsft.io import DataError, atomic_path, iter_jsonl, require, write_json
 from drsft.params import ParamsError
 
 log = logging.getLogger("drsft.train")
@@ -323,51 +323,17 @@ def collate(examples: Sequence[Example], pad_id: int, dummy: bool = False) -> di
 # Fingerprint of a run (what a checkpoint may be resumed into)
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-_BIG = 256 << 20
-
-
-def _model_identity(model_dir: str | os.PathLike) -> dict:
-    """Files of a model folder (hashed in full up to 256 MiB; bigger by size and both ends)."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        return {"reference": str(model_dir)}
-    files = {}
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = f.relative_to(path)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        size = f.stat().st_size
-        if size <= _BIG:
-            files[rel.as_posix()] = _sha256_file(f)
-        else:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                h.update(fh.read(1 << 20))
-            files[rel.as_posix()] = f"size={size};ends={h.hexdigest()}"
-    return {"files": files}
-
-
 def run_fingerprint(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str | os.PathLike,
                     resolved_model: str, world_size: int) -> dict:
     ident = {
         "format": CHECKPOINT_FORMAT,
         "train": {k: v for k, v in sorted(cfg.items()) if k != "save_every"},
-        "data_sha256": _sha256_file(Path(data_path)),
-        "base_model": _model_identity(model_dir),
+        "data_sha256": file_sha256(Path(data_path)),
+        "base_model": model_fingerprint(model_dir),
         "resolved_model": resolved_model if not Path(resolved_model).is_dir() else "local",
         "world_size": world_size,
     }
-    ident["hash"] = hashlib.sha256(dumps(ident).encode("utf-8")).hexdigest()
+    ident["hash"] = fingerprint(ident)
     return ident
 
 
