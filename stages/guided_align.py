@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import click  # noqa: E402
 
+from drsft.evaluate import generate_and_verify  # noqa: E402
 from drsft.io import read_jsonl, write_json, write_jsonl  # noqa: E402
 from drsft.models import load_model, resolve_model  # noqa: E402
 from drsft.params import load_params, section  # noqa: E402
@@ -23,7 +24,6 @@ from drsft.rewrite import group_by_problem, leak_reason, select, training_row  #
 from drsft.rollout import SamplingParams, make_backend  # noqa: E402
 from drsft.scoring import score_responses  # noqa: E402
 from drsft.stage import clear_errors, log, problems_by_id  # noqa: E402
-from drsft.verify import verify_batch  # noqa: E402
 
 
 def _scoring_model(backend, model_path, dtype, trust):
@@ -68,13 +68,9 @@ def main(params_path, problems, unsolved, model_dir, out, metrics):
     guided_prompt = {p["id"]: render_prompt(tok, p["problem"], prompt_cfg, hint=p["solution"]) for p in todo}
     sp = SamplingParams(n=int(cfg["n"]), temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
                         max_new_tokens=int(cfg["max_new_tokens"]), seed=seed, batch_size=int(roll["batch_size"]))
-    completions = backend.generate([guided_prompt[p["id"]] for p in todo], sp, progress=True) if todo else []
-
-    flat = [(p, i, c) for p, comps in zip(todo, completions) for i, c in enumerate(comps)]
-    verdicts = verify_batch([(c.text, p["answer"]) for p, _, c in flat], workers=int(verify_cfg["workers"]),
-                            timeout_s=float(verify_cfg["timeout_s"]))
+    attempts = generate_and_verify(backend, todo, [guided_prompt[p["id"]] for p in todo], sp, verify_cfg)
     resolves, status_counts = [], Counter()
-    for (p, i, c), v in zip(flat, verdicts):
+    for p, i, c, v in attempts:
         leak = leak_reason(c.text, p["solution"], cfg["leak_phrases"], int(cfg["max_shared_ngram"])) if v.correct else None
         status = "wrong" if not v.correct else (f"leak_{leak}" if leak else "kept")
         status_counts[status] += 1

@@ -12,15 +12,25 @@ from drsft.rollout import SamplingParams
 from drsft.verify import verify_batch
 
 
-def _generate_and_verify(backend, problems, prompts, sp: SamplingParams, mode: str, verify_cfg: Mapping) -> list[dict]:
-    completions = backend.generate(prompts, sp, progress=True)
+def generate_and_verify(backend, problems: Sequence[Mapping], prompts: Sequence[str], sp: SamplingParams,
+                        verify_cfg: Mapping) -> list[tuple]:
+    """Sample ``sp.n`` completions per prompt and verify each against its problem's answer.
+
+    Returns ``(problem, sample_index, completion, verdict)`` tuples in problem order; shared by
+    evaluation and ``guided_align``.
+    """
+    completions = backend.generate(list(prompts), sp, progress=True) if prompts else []
     flat = [(p, i, c) for p, comps in zip(problems, completions) for i, c in enumerate(comps)]
     verdicts = verify_batch([(c.text, p["answer"]) for p, _, c in flat], workers=int(verify_cfg["workers"]),
                             timeout_s=float(verify_cfg["timeout_s"]))
+    return [(p, i, c, v) for (p, i, c), v in zip(flat, verdicts)]
+
+
+def _prediction_rows(backend, problems, prompts, sp: SamplingParams, mode: str, verify_cfg: Mapping) -> list[dict]:
     return [{"problem_id": p["id"], "mode": mode, "sample_index": i, "response": c.text,
              "tokens": len(c.token_ids), "finish_reason": c.finish_reason, "extracted": v.extracted,
              "correct": v.correct, "reason": v.reason, "answer": p["answer"]}
-            for (p, i, c), v in zip(flat, verdicts)]
+            for p, i, c, v in generate_and_verify(backend, problems, prompts, sp, verify_cfg)]
 
 
 def summarize(predictions: Sequence[Mapping], k: int) -> dict:
@@ -49,11 +59,11 @@ def evaluate_benchmark(backend, problems: Sequence[Mapping], prompt_cfg: Mapping
     if k > 0:
         sp = SamplingParams(n=k, temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
                             max_new_tokens=int(cfg["max_new_tokens"]), seed=int(cfg["seed"]), batch_size=batch_size)
-        preds += _generate_and_verify(backend, problems, prompts, sp, "sample", verify_cfg)
+        preds += _prediction_rows(backend, problems, prompts, sp, "sample", verify_cfg)
     if cfg.get("greedy", True):
         sp = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=int(cfg["max_new_tokens"]),
                             seed=int(cfg["seed"]), batch_size=batch_size)
-        preds += _generate_and_verify(backend, problems, prompts, sp, "greedy", verify_cfg)
+        preds += _prediction_rows(backend, problems, prompts, sp, "greedy", verify_cfg)
     return summarize(preds, k), preds
 
 
