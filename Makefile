@@ -53,13 +53,26 @@ test: install
 test-fast: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests -m "not slow"
 
-# The paper's comparison: SFT, DFT, DR+SFT, DR+DFT as `dvc exp run` arms; prints a markdown table.
+# The paper's comparison: SFT, DFT, DR+SFT, DR+DFT queued as `dvc exp run` arms; prints a markdown table.
+# ABLATION_ARGS: --with-is, --jobs N, --plots DIR, --table-only (scripts/ablation.py --help).
+ABLATION_ARGS ?=
 ablation: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/ablation.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/ablation.py $(ABLATION_ARGS)
+
+# Switch the pipeline to a params file (configs/*.yaml): validated (schema + key set), refused when
+# params.yaml has uncommitted changes, then copied over params.yaml. `git checkout params.yaml` goes back.
+#   make use CONFIG=configs/qwen2.5-math-7b.yaml && dvc repro
+CONFIG ?=
+.PHONY: use
+use:
+	@test -n "$(CONFIG)" || { echo "usage: make use CONFIG=configs/<name>.yaml" >&2; exit 2; }
+	@test -x $(PY) || { echo "no $(VENV): run make install first" >&2; exit 2; }
+	$(PY) scripts/use_config.py "$(CONFIG)"
 
 bench: install
 	$(PY) bench/sample_bench.py
 	$(PY) bench/verify_bench.py
+	$(PY) bench/train_bench.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,14 +1,22 @@
-"""The paper's comparison in one command: run the arms as DVC experiments, print a markdown table.
+"""The paper's comparison in one command: queue the arms as DVC experiments, run them, print a table.
 
-Each arm is ``dvc exp run -n <arm> -S train.data=... -S train.loss=...``; every stage upstream of
-``train`` is shared from the DVC cache, so per arm only ``train`` and ``evaluate`` run (the script
-prints which stages ran for each arm). The table is read back from ``dvc exp show --json``:
-avg@k per benchmark and on average, plus the rewrite tier shares, with the base model as the
-reference row.
+1. ``dvc repro`` in the workspace: the shared upstream stages (prepare ... fallback, evaluate_base),
+   once; a no-op when up to date.
+2. Each arm is queued: ``dvc exp run --queue -n <arm> -S train.data=... -S train.loss=...``. A queued
+   experiment snapshots the workspace (uncommitted changes included) and runs in its own temporary
+   directory, so the workspace is never touched.
+3. ``dvc exp run --run-all --jobs N`` runs the queue (N=1 by default: on a 2-core CPU the arms would
+   only slow each other down). Every stage upstream of ``train`` comes from the DVC cache, so per
+   arm only ``train`` and ``evaluate`` run; the script prints, for each arm, the stages its log
+   shows running.
+4. The table is read back from ``dvc exp show --json``: avg@k per benchmark and on average, with
+   the base model as the reference row, plus the rewrite tier shares. ``--plots DIR`` also renders
+   ``dvc plots diff <arms>`` (accuracy per benchmark per arm, loss curves, tier composition) to DIR.
 
-    python scripts/ablation.py                 # the four arms
-    python scripts/ablation.py --with-is       # plus rewritten+is and rewritten+is_dft
-    python scripts/ablation.py --table-only    # only print the table of existing experiments
+    python scripts/ablation.py                     # the four arms
+    python scripts/ablation.py --with-is           # plus rewritten+is and rewritten+is_dft
+    python scripts/ablation.py --table-only        # only print the table of existing experiments
+    python scripts/ablation.py --plots ablation_plots
 """
 
 from __future__ import annotations
@@ -94,30 +102,46 @@ def table(arm_names: list[str]) -> str:
     return "\n".join(lines) + note
 
 
+def _ran_per_arm(name: str) -> list[str]:
+    """The stages an experiment's queue log shows running (``dvc queue logs``)."""
+    proc = subprocess.run(["dvc", "queue", "logs", name], capture_output=True, text=True)
+    return re.findall(r"Running stage '([^']+)'", (proc.stdout or "") + (proc.stderr or ""))
+
+
+def run_arms(arms: list[tuple[str, str, str]], jobs: int) -> None:
+    _dvc("repro")  # the shared upstream stages, once (a no-op when up to date)
+    existing = set(_dvc("exp", "list", "--all-commits", "--name-only").split())
+    for name, data, loss in arms:
+        if name in existing:
+            _dvc("exp", "remove", name)
+        _dvc("exp", "run", "--queue", "-n", name, "-S", f"train.data={data}", "-S", f"train.loss={loss}")
+        click.echo(f"queued {name}: train.data={data} train.loss={loss}", err=True)
+    proc = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], capture_output=True, text=True)
+    for name, _, _ in arms:
+        ran = _ran_per_arm(name)
+        click.echo(f"{name}: ran {', '.join(ran) or 'nothing (all cached)'}", err=True)
+    shown = set(_dvc("exp", "list", "--name-only").split())
+    failed = [name for name, _, _ in arms if name not in shown]
+    if proc.returncode != 0 or failed:
+        raise click.ClickException(
+            f"arm(s) {', '.join(failed) or '?'} failed (see `dvc queue logs <arm>` and `dvc queue status`):\n"
+            f"{(proc.stdout or '')[-3000:]}{(proc.stderr or '')[-3000:]}")
+
+
 @click.command()
 @click.option("--with-is", is_flag=True, help="also run the importance-sampling arms")
 @click.option("--table-only", is_flag=True, help="do not run, only print the table")
-def main(with_is: bool, table_only: bool):
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="queued arms run at once (dvc exp run --run-all --jobs)")
+@click.option("--plots", "plots_dir", default=None, help="also render `dvc plots diff <arms>` into this folder")
+def main(with_is: bool, table_only: bool, jobs: int, plots_dir: str | None):
     arms = ARMS + (IS_ARMS if with_is else [])
     if not table_only:
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        if dirty:
-            raise click.ClickException("the git workspace has uncommitted changes: commit them first (each arm is a "
-                                       "`dvc exp run` from the current commit, and the workspace is restored after)\n"
-                                       + dirty)
-        _dvc("repro")  # the shared upstream stages, once (a no-op when up to date)
-        for name, data, loss in arms:
-            existing = _dvc("exp", "list", "--name-only")
-            if name in existing.split():
-                _dvc("exp", "remove", name)
-            out = _dvc("exp", "run", "-n", name, "-S", f"train.data={data}", "-S", f"train.loss={loss}")
-            ran = re.findall(r"Running stage '([^']+)'", out)
-            click.echo(f"{name}: ran {', '.join(ran) or 'nothing (all cached)'}", err=True)
-        # `dvc exp run` leaves the last arm in the workspace: go back to the committed baseline.
-        subprocess.run(["git", "checkout", "HEAD", "--", "."], check=True)
-        _dvc("checkout", "--force")
+        run_arms(arms, jobs)
     click.echo(table([a[0] for a in arms]))
+    if plots_dir:
+        _dvc("plots", "diff", *[a[0] for a in arms], "--out", plots_dir)
+        click.echo(f"plots: {Path(plots_dir) / 'index.html'}", err=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import click  # noqa: E402
 
-from drsft.io import read_jsonl, write_csv, write_json, write_jsonl  # noqa: E402
+from drsft.io import read_problem_ids, read_problems, read_training_rows, write_csv, write_json, write_jsonl  # noqa: E402
 from drsft.models import load_model, load_tokenizer  # noqa: E402
 from drsft.params import load_params, section  # noqa: E402
 from drsft.prompts import encode_response, render_prompt  # noqa: E402
@@ -33,12 +33,17 @@ from drsft.stage import clear_errors, log  # noqa: E402
 @click.option("--out", default="data/train", show_default=True)
 @click.option("--metrics", default="metrics/rewrite.json", show_default=True)
 @click.option("--plot-csv", default="metrics/plots/nll_hist.csv", show_default=True)
+@click.option("--tiers-csv", default="metrics/plots/tiers.csv", show_default=True)
 @clear_errors
-def main(params_path, problems, self_rows, guided_rows, unsolved, model_dir, out, metrics, plot_csv):
+def main(params_path, problems, self_rows, guided_rows, unsolved, model_dir, out, metrics, plot_csv, tiers_csv):
     params = load_params(params_path)
     cfg, prompt_cfg = section(params, "fallback"), section(params, "prompt")
-    trust = bool(section(params, "model").get("trust_remote_code", False))
-    problem_list = read_jsonl(problems)
+    trust = section(params, "model")["trust_remote_code"]
+    problem_list = read_problems(problems)
+    known = [p["id"] for p in problem_list]
+    # every input is read and checked before the model is loaded
+    still_unsolved = set(read_problem_ids(unsolved, known))
+    tiers = read_training_rows(self_rows, known) + read_training_rows(guided_rows, known)
     tok = load_tokenizer(model_dir, trust_remote_code=trust)
     model = load_model(model_dir, trust_remote_code=trust)
 
@@ -48,10 +53,9 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, model_dir, out
     expert = [training_row(p["id"], "expert", pr, p["solution"], ids, None, lp, "unknown")
               for p, pr, ids, lp in zip(problem_list, prompts, response_ids, logprobs)]
 
-    still_unsolved = {r["problem_id"] for r in read_jsonl(unsolved)}
     fallback = [{**r, "tier": "fallback"} for r in expert if r["problem_id"] in still_unsolved]
     order = {p["id"]: i for i, p in enumerate(problem_list)}
-    rewritten = read_jsonl(self_rows) + read_jsonl(guided_rows) + fallback
+    rewritten = tiers + fallback
     missing = set(order) - {r["problem_id"] for r in rewritten}
     if missing:
         raise click.ClickException(f"{len(missing)} train problems have no rewritten row, e.g. {sorted(missing)[0]!r}: "
@@ -64,6 +68,8 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, model_dir, out
     write_csv(plot_csv, nll_histogram(rewritten, expert), ["nll", "expert", "rewritten"])
     m = rewrite_metrics(rewritten, expert)
     write_json(metrics, m)
+    write_csv(tiers_csv, [{"tier": t, "problems": v["count"], "share": v["share"]} for t, v in m["tiers"].items()],
+              ["tier", "problems", "share"])
     log.info("rewritten set: %s; NLL rewritten %.3f vs expert %.3f",
              {t: v["count"] for t, v in m["tiers"].items()}, m["nll"]["rewritten"], m["nll"]["expert"])
 

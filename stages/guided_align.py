@@ -4,6 +4,16 @@ A kept re-solve becomes a training example on the *plain* prompt (no hint). It c
 log-prob vectors, each from one forward pass of the base model: under the guided prompt (the
 behaviour policy that actually produced it; recorded at sampling time) and under the plain prompt
 (what training conditions on).
+
+Generation is resumable, as in ``sample``: the guided re-solves are written in shards of
+``guided_align.shard_size`` problems (Sample records, docs/records.md) under ``<out>/shards``
+(``persist: true`` in dvc.yaml) by :func:`drsft.rollout.run_sharded`, with a fingerprint of what
+determines them (the generation params, ``rollout``, ``prompt``, the problems and hints, the
+model) in ``<out>/shards/manifest.json``. A killed run reuses its finished shards; shards of
+other params/inputs are deleted, never reused. Verification, the leak filter, selection and
+plain-prompt scoring are cheap and rerun on every run, so a change of ``verify``, of the
+verifier's code or of the filter/selection params (``max_shared_ngram``, ``leak_phrases``,
+``rule``, ...) reuses the generation.
 """
 
 import gc
@@ -15,23 +25,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import click  # noqa: E402
 
-from drsft.evaluate import generate_and_verify  # noqa: E402
-from drsft.io import read_jsonl, write_json, write_jsonl  # noqa: E402
-from drsft.models import load_model, resolve_model  # noqa: E402
+from drsft.fingerprint import fingerprint, model_fingerprint  # noqa: E402
+from drsft.io import read_jsonl, read_problem_ids, write_json, write_jsonl  # noqa: E402
+from drsft.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from drsft.params import load_params, section  # noqa: E402
 from drsft.prompts import render_prompt  # noqa: E402
 from drsft.rewrite import group_by_problem, leak_reason, select, training_row  # noqa: E402
-from drsft.rollout import SamplingParams, make_backend  # noqa: E402
+from drsft.rollout import (SamplingParams, check_sample_records, make_backend, policy_identity,  # noqa: E402
+                           run_sharded, sample_records)
 from drsft.scoring import score_responses  # noqa: E402
-from drsft.stage import clear_errors, log, problems_by_id  # noqa: E402
+from drsft.stage import clear_errors, count_records, log, preflight, problems_by_id, sequences_bytes  # noqa: E402
+from drsft.verify import verify_batch  # noqa: E402
+
+# The guided_align params that determine the generated re-solves (the shard fingerprint); the
+# others (filter, selection, scoring) act after generation and do not invalidate shards.
+GENERATION_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "seed")
 
 
-def _scoring_model(backend, model_path, dtype, trust):
-    """The HF model for teacher-forced scoring: the hf backend's own, else a fresh load after freeing vLLM."""
+def _scoring_model(state, model_path, dtype, trust):
+    """The HF model for teacher-forced scoring: the hf backend's own (``state["backend"]``, None
+    when every shard was resumed), else a fresh load after dropping the (vLLM) backend."""
+    backend = state.pop("backend", None)
     model = getattr(backend, "model", None)
     if model is not None and hasattr(model, "forward"):
         return model
-    del backend
+    del backend  # the last reference: state no longer holds it
     gc.collect()
     try:
         import torch
@@ -49,35 +67,76 @@ def _scoring_model(backend, model_path, dtype, trust):
 @click.option("--unsolved", default="data/self_align/unsolved.jsonl", show_default=True)
 @click.option("--model", "model_dir", default="models/base", show_default=True)
 @click.option("--out", default="data/guided_align", show_default=True)
+@click.option("--shards", default=None, help="resumable generation shards  [default: <out>/shards]")
 @click.option("--metrics", default="metrics/guided_align.json", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
 @clear_errors
-def main(params_path, problems, unsolved, model_dir, out, metrics):
+def main(params_path, problems, unsolved, model_dir, out, shards, metrics, progress):
     params = load_params(params_path)
     cfg, prompt_cfg, roll = section(params, "guided_align"), section(params, "prompt"), section(params, "rollout")
     verify_cfg = section(params, "verify")
-    trust = bool(section(params, "model").get("trust_remote_code", False))
+    trust = section(params, "model")["trust_remote_code"]
+    preflight([out, shards or Path(out) / "shards", metrics],  # resolves + selected rows: 2x the sequences
+              need_bytes=2 * sequences_bytes(count_records(unsolved) * int(cfg["n"]), int(cfg["max_new_tokens"])))
     by_id = problems_by_id(problems)
-    todo = [by_id[r["problem_id"]] for r in read_jsonl(unsolved)]
+    todo = [by_id[pid] for pid in read_problem_ids(unsolved, by_id)]  # checked: unique, known ids
     model_path = resolve_model(model_dir)
     seed, keep, rule = int(cfg["seed"]), int(cfg["keep_per_problem"]), cfg["rule"]
 
-    backend = make_backend(roll["backend"], model_path, dtype=roll.get("dtype", "auto"), trust_remote_code=trust,
-                           tensor_parallel_size=roll.get("tensor_parallel_size", 1),
-                           gpu_memory_utilization=roll.get("gpu_memory_utilization", 0.9))
-    tok = backend.tokenizer
+    shard_size = int(cfg["shard_size"])
+
+    tok = load_tokenizer(model_dir, trust_remote_code=trust)
     guided_prompt = {p["id"]: render_prompt(tok, p["problem"], prompt_cfg, hint=p["solution"]) for p in todo}
     sp = SamplingParams(n=int(cfg["n"]), temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
                         max_new_tokens=int(cfg["max_new_tokens"]), seed=seed, batch_size=int(roll["batch_size"]))
-    attempts = generate_and_verify(backend, todo, [guided_prompt[p["id"]] for p in todo], sp, verify_cfg)
+    # What determines the shards' content (run_sharded deletes shards of any other fingerprint).
+    inputs = {"guided_align": {k: cfg[k] for k in GENERATION_KEYS}, "rollout": policy_identity(roll), "prompt": prompt_cfg,
+              "trust_remote_code": trust, "model": model_fingerprint(model_dir),
+              "problems_sha256": fingerprint([[p["id"], p["problem"], p["solution"]] for p in todo])}
+
+    state = {"backend": None, "bar": None}
+
+    def on_start(resumed, todo_shards):
+        if not todo_shards:
+            return  # every shard resumed: no generation model needed
+        state["backend"] = make_backend(
+            roll["backend"], model_path, dtype=roll["dtype"], trust_remote_code=trust,
+            tensor_parallel_size=roll["tensor_parallel_size"],
+            gpu_memory_utilization=roll["gpu_memory_utilization"],
+            data_parallel_size=roll["data_parallel_size"])
+        if progress:
+            from tqdm.auto import tqdm
+
+            n_seq = sum(len(todo[i * shard_size:(i + 1) * shard_size]) for i in todo_shards) * sp.n
+            state["bar"] = tqdm(total=n_seq, desc="guided_align", unit="seq", dynamic_ncols=True)
+
+    def process(chunk):
+        ids = [p["id"] for p in chunk]
+        prompts = [guided_prompt[i] for i in ids]
+        comps = state["backend"].generate(prompts, sp, progress=state["bar"] if state["bar"] is not None else False)
+        return sample_records(ids, prompts, comps)
+
+    def validate(chunk, records):
+        check_sample_records([p["id"] for p in chunk], sp.n, records)
+
+    out = Path(out)
+    try:
+        run = run_sharded(todo, Path(shards) if shards else out / "shards", shard_size, inputs, process,
+                          validate=validate, on_start=on_start)
+    finally:
+        if state["bar"] is not None:
+            state["bar"].close()
+    samples = [rec for path in run.paths for rec in read_jsonl(path)]
+    verdicts = verify_batch([(r["response"], by_id[r["problem_id"]]["answer"]) for r in samples],
+                            workers=int(verify_cfg["workers"]), timeout_s=float(verify_cfg["timeout_s"]))
     resolves, status_counts = [], Counter()
-    for p, i, c, v in attempts:
-        leak = leak_reason(c.text, p["solution"], cfg["leak_phrases"], int(cfg["max_shared_ngram"])) if v.correct else None
+    for rec, v in zip(samples, verdicts):
+        p = by_id[rec["problem_id"]]
+        leak = leak_reason(rec["response"], p["solution"], cfg["leak_phrases"], int(cfg["max_shared_ngram"])) \
+            if v.correct else None
         status = "wrong" if not v.correct else (f"leak_{leak}" if leak else "kept")
         status_counts[status] += 1
-        resolves.append({"problem_id": p["id"], "sample_index": i, "prompt": guided_prompt[p["id"]],
-                         "response": c.text, "response_ids": c.token_ids, "logprobs": c.logprobs,
-                         "finish_reason": c.finish_reason, "correct": v.correct, "reason": v.reason,
-                         "status": status})
+        resolves.append({**rec, "correct": v.correct, "reason": v.reason, "status": status})
 
     kept = group_by_problem(r for r in resolves if r["status"] == "kept")
     chosen, still_unsolved = [], []
@@ -87,14 +146,15 @@ def main(params_path, problems, unsolved, model_dir, out, metrics):
             continue
         chosen.extend((p, rec) for rec in select(kept[p["id"]], rule, keep, seed, p["id"]))
 
-    scorer = _scoring_model(backend, model_path, roll.get("dtype", "auto"), trust)
     plain_prompts = [render_prompt(tok, p["problem"], prompt_cfg) for p, _ in chosen]
-    plain_lp = score_responses(scorer, tok, plain_prompts, [rec["response_ids"] for _, rec in chosen],
-                               batch_size=int(cfg["score_batch_size"])) if chosen else []
+    plain_lp = []
+    if chosen:
+        scorer = _scoring_model(state, model_path, roll["dtype"], trust)
+        plain_lp = score_responses(scorer, tok, plain_prompts, [rec["response_ids"] for _, rec in chosen],
+                                   batch_size=int(cfg["score_batch_size"]))
     rows = [training_row(p["id"], "guided", pp, rec["response"], rec["response_ids"], rec["logprobs"], lp, "guided")
             for (p, rec), pp, lp in zip(chosen, plain_prompts, plain_lp)]
 
-    out = Path(out)
     write_jsonl(out / "resolves.jsonl", resolves)
     write_jsonl(out / "selected.jsonl", rows)
     write_jsonl(out / "unsolved.jsonl", ({"problem_id": pid} for pid in still_unsolved))
@@ -108,8 +168,12 @@ def main(params_path, problems, unsolved, model_dir, out, metrics):
         "samples": len(resolves),
         "kept_rows": len(rows),
         "status": {k: status_counts.get(k, 0) for k in ("kept", "wrong", "leak_phrase", "leak_copy")},
+        "shards": len(run.paths),
+        "resumed_shards": len(run.resumed),
+        "generated_shards": len(run.generated),
     })
-    log.info("guided_align: %d/%d unsolved problems re-solved (%s)", solved, attempted, dict(status_counts))
+    log.info("guided_align: %d/%d unsolved problems re-solved (%s), %d/%d shards resumed", solved, attempted,
+             dict(status_counts), len(run.resumed), len(run.paths))
 
 
 if __name__ == "__main__":

@@ -29,47 +29,36 @@ import click  # noqa: E402
 
 from drsft.io import DataError, write_json, write_jsonl  # noqa: E402
 from drsft.params import ParamsError, load_params, section  # noqa: E402
-from drsft.stage import clear_errors, log  # noqa: E402
+from drsft.stage import clear_errors, log, preflight, prepare_bytes  # noqa: E402
 
-TOY_DEFAULTS = {"n_train": 400, "n_bench": 100, "n_corpus": 6000, "mistake_rate": 0.25, "guided_frac": 0.3,
-                "guided_mistake_rate": 0.05, "families": ["arith", "linear", "fraction", "decimal"],
-                "n_drills": 0, "drill_facts": 8}
-PRETRAIN_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "steps",
-                 "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "max_length", "threads",
-                 "log_every", "drill_frac", "drill_batch_size")
-
-
-def _get(cfg: dict, key: str, where: str):
-    if key not in cfg:
-        raise ParamsError(f"params.yaml: missing key '{key}' in '{where}'")
-    return cfg[key]
+# Every key of the sections read here is guaranteed (present, typed, in range) by load_params,
+# which validates params.yaml against drsft.schema: params.yaml holds the only defaults.
 
 
 def toy_problems(prep: dict):
     from drsft.world import make_world
 
-    toy = {**TOY_DEFAULTS, **(prep.get("toy") or {})}
+    toy = prep["toy"]
     try:
-        return make_world(seed=int(_get(prep, "seed", "prepare")), n_train=int(toy["n_train"]),
+        return make_world(seed=int(prep["seed"]), n_train=int(toy["n_train"]),
                           n_bench=int(toy["n_bench"]), n_corpus=int(toy["n_corpus"]), families=toy["families"]), toy
     except (TypeError, ValueError) as exc:
         raise ParamsError(f"params.yaml: prepare.toy: {exc}") from None
 
 
 def file_problems(prep: dict) -> tuple[list[dict], dict[str, list[dict]]]:
-    from drsft.data import load_benchmark, load_problems
+    from drsft.data import load_benchmark, load_problems, subsample
 
-    files = prep.get("files") or {}
-    tr = _get(files, "train", "prepare.files")
-    train = load_problems(_get(tr, "path", "prepare.files.train"), problem=_get(tr, "problem", "prepare.files.train"),
-                          solution=_get(tr, "solution", "prepare.files.train"), answer=tr.get("answer"),
-                          limit=tr.get("limit"), source=tr.get("source"))
+    files = prep["files"]
+    tr = files["train"]
+    train = load_problems(tr["path"], problem=tr["problem"], solution=tr["solution"], answer=tr["answer"],
+                          limit=tr["limit"], source=tr["source"])
+    try:  # "a 50k-problem subset of the first 100k": limit first, then a seeded subset (file order kept)
+        train = subsample(train, tr["subsample"], seed=int(prep["seed"]))
+    except ValueError as exc:
+        raise ParamsError(f"params.yaml: prepare.files.train.subsample: {exc} ({tr['path']})") from None
     benchmarks: dict[str, list[dict]] = {}
-    for i, b in enumerate(files.get("benchmarks") or []):
-        if not isinstance(b, dict) or "name" not in b or "path" not in b:
-            raise ParamsError(f"params.yaml: prepare.files.benchmarks[{i}] must be a mapping with 'name' and 'path'")
-        if b["name"] in benchmarks:
-            raise ParamsError(f"params.yaml: prepare.files.benchmarks: duplicate name {b['name']!r}")
+    for b in files["benchmarks"]:  # mappings {name, path}, unique names (drsft.schema)
         benchmarks[str(b["name"])] = load_benchmark(str(b["name"]), str(b["path"]))
     if not train:
         raise DataError(tr["path"], None, "no training problems")
@@ -88,10 +77,8 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
 
     t0 = time.time()
     data_dir, model_dir = Path(data_dir), Path(model_dir)
-    source = _get(prep, "source", "prepare")
-    base = str(_get(model_cfg, "base", "model"))
-    if base == "toy" and source != "toy":
-        raise ParamsError("params.yaml: model.base 'toy' is pretrained on the toy world: it needs prepare.source: toy")
+    source = prep["source"]
+    base = str(model_cfg["base"])  # "toy" needs prepare.source: toy (checked by drsft.schema)
     metrics: dict = {"source": source, "model": {"base": base}}
     world = None
     if source == "toy":
@@ -119,10 +106,7 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
     if base == "toy":
         from drsft.tinylm import pretrain
 
-        pcfg = prep.get("pretrain") or {}
-        unknown = sorted(set(pcfg) - set(PRETRAIN_KEYS))
-        if unknown:
-            raise ParamsError(f"params.yaml: prepare.pretrain: unknown key(s) {unknown}")
+        pcfg = prep["pretrain"]  # exactly drsft.tinylm.pretrain's keyword arguments (drsft.schema)
         try:
             examples = pretraining_examples(world.corpus, seed=int(prep["seed"]), mistake_rate=float(toy["mistake_rate"]),
                                             guided_frac=float(toy["guided_frac"]),
@@ -139,18 +123,16 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
         write_json(model_dir / "reference.json", {"model": base})
         log(f"prepare: models/base references {base!r} (not copied)")
 
-    pr = prep.get("probe") or {}
-    enabled = pr.get("enabled", "auto")
-    if enabled not in ("auto", True, False):
-        raise ParamsError(f"params.yaml: prepare.probe.enabled must be auto, true or false, got {enabled!r}")
+    pr = prep["probe"]
+    enabled = pr["enabled"]  # "auto" | true | false
     if enabled is True or (enabled == "auto" and base == "toy"):
         from drsft.probe import probe_world
 
         cfg = {k: v for k, v in pr.items() if k not in ("enabled", "verify_workers", "verify_timeout_s")}
         metrics["world"] = probe_world(str(model_dir), train, prompt_cfg, cfg,
-                                       verify_workers=int(pr.get("verify_workers", 2)),
-                                       verify_timeout_s=float(pr.get("verify_timeout_s", 5)),
-                                       trust_remote_code=bool(model_cfg.get("trust_remote_code", False)), log=log)
+                                       verify_workers=int(pr["verify_workers"]),
+                                       verify_timeout_s=float(pr["verify_timeout_s"]),
+                                       trust_remote_code=model_cfg["trust_remote_code"], log=log)
         bad = [k for k, ok in metrics["world"]["checks"].items() if not ok]
         if bad:
             log(f"prepare: WARNING: world property check(s) failed: {bad}")
@@ -169,6 +151,7 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
 @clear_errors
 def main(params_path, data_dir, model_dir, metrics):
     params = load_params(params_path)
+    preflight([data_dir, model_dir, metrics], need_bytes=prepare_bytes(section(params, "prepare")))
     summary = run_prepare(section(params, "prepare"), section(params, "model"), section(params, "prompt"),
                           data_dir=data_dir, model_dir=model_dir, metrics_path=metrics, log=log.info)
     log.info("prepare done in %.1fs", summary["seconds"])

@@ -20,8 +20,8 @@ from drsft.models import load_tokenizer  # noqa: E402
 from drsft.params import ParamsError, load_params, section  # noqa: E402
 from drsft.prompts import render_prompt  # noqa: E402
 from drsft.rollout import (SamplingParams, check_sample_records, file_sha256, make_backend,  # noqa: E402
-                           model_fingerprint, run_sharded, sample_records)
-from drsft.stage import clear_errors, log  # noqa: E402
+                           model_fingerprint, policy_identity, run_sharded, sample_records)
+from drsft.stage import clear_errors, count_records, log, preflight, sequences_bytes  # noqa: E402
 
 
 def load_problems(path) -> list[dict]:
@@ -59,15 +59,14 @@ def sampling_params(cfg: dict, roll: dict) -> SamplingParams:
 def main(params_path, problems, model_dir, out, metrics, progress):
     params = load_params(params_path)
     cfg, roll, prompt_cfg = section(params, "sample"), section(params, "rollout"), section(params, "prompt")
-    trust = bool(section(params, "model").get("trust_remote_code", False))
+    trust = section(params, "model")["trust_remote_code"]
+    preflight([out, metrics], need_bytes=sequences_bytes(count_records(problems) * int(cfg["n"]), int(cfg["max_new_tokens"])))
     sp = sampling_params(cfg, roll)
     shard_size = int(cfg["shard_size"])
-    if shard_size < 1:
-        raise ParamsError(f"params.yaml: sample.shard_size must be >= 1, got {shard_size}")
     items = load_problems(problems)
     tok = load_tokenizer(model_dir, trust_remote_code=trust)
     prompts = {p["id"]: render_prompt(tok, p["problem"], prompt_cfg) for p in items}
-    inputs = {"sample": cfg, "rollout": roll, "prompt": prompt_cfg, "trust_remote_code": trust,
+    inputs = {"sample": cfg, "rollout": policy_identity(roll), "prompt": prompt_cfg, "trust_remote_code": trust,
               "problems_sha256": file_sha256(problems), "model": model_fingerprint(model_dir)}
 
     state = {"backend": None, "bar": None, "tokens": 0}
@@ -76,9 +75,10 @@ def main(params_path, problems, model_dir, out, metrics, progress):
         if not todo:
             return  # everything resumed: the model is not even loaded
         state["backend"] = make_backend(
-            roll.get("backend", "hf"), model_dir, dtype=roll.get("dtype", "auto"), trust_remote_code=trust,
-            tensor_parallel_size=int(roll.get("tensor_parallel_size", 1)),
-            gpu_memory_utilization=float(roll.get("gpu_memory_utilization", 0.9)))
+            roll["backend"], model_dir, dtype=roll["dtype"], trust_remote_code=trust,
+            tensor_parallel_size=int(roll["tensor_parallel_size"]),
+            gpu_memory_utilization=float(roll["gpu_memory_utilization"]),
+            data_parallel_size=int(roll["data_parallel_size"]))
         if progress:
             from tqdm.auto import tqdm
 

@@ -7,10 +7,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import click  # noqa: E402
 
-from drsft.io import read_jsonl, write_json, write_jsonl  # noqa: E402
+from drsft.io import read_problems, read_samples, read_verdicts, write_json, write_jsonl  # noqa: E402
 from drsft.params import load_params, section  # noqa: E402
 from drsft.rewrite import self_align  # noqa: E402
-from drsft.stage import clear_errors, log, read_shards  # noqa: E402
+from drsft.stage import clear_errors, log  # noqa: E402
 
 
 @click.command()
@@ -23,8 +23,10 @@ from drsft.stage import clear_errors, log, read_shards  # noqa: E402
 @clear_errors
 def main(params_path, problems, samples, verdicts, out, metrics):
     cfg = section(load_params(params_path), "self_align")
-    problem_ids = [p["id"] for p in read_jsonl(problems)]
-    rows, unsolved, stats = self_align(problem_ids, read_shards(samples), read_jsonl(verdicts),
+    problem_ids = [p["id"] for p in read_problems(problems)]
+    shards = read_samples(samples, problem_ids)
+    checked = read_verdicts(verdicts, samples=((s["problem_id"], s["sample_index"]) for s in shards))
+    rows, unsolved, stats = self_align(problem_ids, shards, checked,
                                        int(cfg["keep_per_problem"]), cfg["rule"], int(cfg["seed"]))
     write_jsonl(Path(out) / "selected.jsonl", rows)
     write_jsonl(Path(out) / "unsolved.jsonl", ({"problem_id": pid} for pid in unsolved))

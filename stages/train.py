@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import click  # noqa: E402
 
 from drsft.params import load_params, section  # noqa: E402
-from drsft.stage import clear_errors  # noqa: E402
+from drsft.stage import TRAIN_WEIGHT_FACTOR, clear_errors, preflight, weights_bytes  # noqa: E402
 from drsft.train import data_file, train  # noqa: E402
 
 
@@ -38,9 +38,12 @@ def main(ctx, params_path, data_dir, data_path, model_dir, out, checkpoints, met
     if extra:
         raise click.UsageError(f"unexpected arguments: {' '.join(extra)}")
     params = load_params(params_path)
-    cfg = section(params, "train")
-    trust = bool(params.get("model", {}).get("trust_remote_code", False))
-    path = Path(data_path) if data_path else data_file(data_dir, cfg.get("data", "rewritten"))
+    # train.launcher is the command dvc.yaml runs this script with, not a trainer setting (and not
+    # part of the checkpoint fingerprint).
+    cfg = {k: v for k, v in section(params, "train").items() if k != "launcher"}
+    trust = section(params, "model")["trust_remote_code"]
+    preflight([out, checkpoints, metrics, live_dir], need_bytes=TRAIN_WEIGHT_FACTOR * weights_bytes(model_dir))
+    path = Path(data_path) if data_path else data_file(data_dir, cfg["data"])
     train(cfg, path, model_dir, out, checkpoints, metrics, live_dir=live_dir, trust_remote_code=trust,
           max_steps=max_steps)
 

@@ -14,40 +14,10 @@ from collections import Counter  # noqa: E402
 
 import click  # noqa: E402
 
-from drsft.io import DataError, iter_jsonl, require, write_json, write_jsonl  # noqa: E402
+from drsft.io import read_problems, read_samples, write_json, write_jsonl  # noqa: E402
 from drsft.params import load_params, section  # noqa: E402
 from drsft.stage import clear_errors, log  # noqa: E402
 from drsft.verify import REASONS, verify_batch  # noqa: E402
-
-
-def read_problems(path: Path) -> dict[str, str]:
-    answers: dict[str, str] = {}
-    for line, rec in iter_jsonl(path):
-        pid = require(rec, "id", path, line)
-        if pid in answers:
-            raise DataError(path, line, f"duplicate id {pid!r}", "id")
-        answers[pid] = require(rec, "answer", path, line)
-    return answers
-
-
-def read_samples(folder: Path, answers: dict[str, str]) -> list[dict]:
-    files = sorted(folder.glob("shard-*.jsonl"))
-    if not files:
-        raise DataError(folder, None, "no shard-*.jsonl files: run the sample stage first")
-    samples, seen = [], {}
-    for f in files:
-        for line, rec in iter_jsonl(f):
-            pid = require(rec, "problem_id", f, line)
-            idx = require(rec, "sample_index", f, line, kind=int)
-            response = require(rec, "response", f, line, nonempty=False)
-            if pid not in answers:
-                raise DataError(f, line, f"unknown problem {pid!r} (not in the problems file)", "problem_id")
-            key = (pid, idx)
-            if key in seen:
-                raise DataError(f, line, f"duplicate sample {key} (first in {seen[key]})", "sample_index")
-            seen[key] = f"{f.name}:{line}"
-            samples.append({"problem_id": pid, "sample_index": idx, "response": response})
-    return samples
 
 
 def summarize(rows: list[dict], seconds: float) -> dict:
@@ -77,8 +47,8 @@ def summarize(rows: list[dict], seconds: float) -> dict:
 @clear_errors
 def main(params_path, problems, samples, out, metrics):
     cfg = section(load_params(params_path), "verify")
-    answers = read_problems(Path(problems))
-    todo = read_samples(Path(samples), answers)
+    answers = {p["id"]: p["answer"] for p in read_problems(problems)}
+    todo = read_samples(samples, answers, fields=("problem_id", "sample_index", "response"))
     t0 = time.perf_counter()
     verdicts = verify_batch([(s["response"], answers[s["problem_id"]]) for s in todo],
                             workers=int(cfg["workers"]), timeout_s=float(cfg["timeout_s"]))

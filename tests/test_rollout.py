@@ -303,3 +303,18 @@ def test_vllm_backend_glue_with_a_fake_vllm(tiny_model_dir, prompts, monkeypatch
     assert seen["inputs"][0]["prompt_token_ids"] == encode_prompt(be.tokenizer, prompts[0])
     greedy = be.generate(prompts[:1], SamplingParams(n=3, temperature=0.0, max_new_tokens=4))
     assert seen["sps"][0].n == 1 and [c.token_ids for c in greedy[0]] == [[7, 8, 2]] * 3
+
+
+def test_policy_identity_drops_only_engine_layout():
+    from drsft.rollout import LAYOUT_KEYS, policy_identity
+
+    roll = {"backend": "hf", "dtype": "auto", "batch_size": 64, "tensor_parallel_size": 1,
+            "data_parallel_size": 1, "gpu_memory_utilization": 0.9}
+    assert policy_identity(roll) == {"backend": "hf", "dtype": "auto"}
+    assert policy_identity({**roll, "batch_size": 8, "data_parallel_size": 4}) == policy_identity(roll)
+    assert policy_identity({**roll, "dtype": "bfloat16"}) != policy_identity(roll)
+    # every rollout key is either policy or layout: a new key must be classified, not silently dropped
+    import yaml
+    from pathlib import Path
+    keys = set(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["rollout"])
+    assert set(LAYOUT_KEYS) <= keys and keys - set(LAYOUT_KEYS) == {"backend", "dtype"}

@@ -32,6 +32,7 @@ TRAIN_CFG = {
     "data": "rewritten", "loss": "is", "is_clip": [0.0, 2.0], "is_level": "token", "zero_stage": 2,
     "lr": 3.0e-3, "epochs": 1, "micro_batch_size": 3, "global_batch_size": 12, "max_length": 96,
     "warmup_ratio": 0.25, "weight_decay": 0.01, "grad_clip": 1.0, "save_every": 2, "seed": 0,
+    "gradient_checkpointing": False,
 }
 N_ROWS = 40          # 4 optimizer steps of 12, 12, 12, 4 rows: the last global batch is short
 
@@ -97,7 +98,9 @@ def _env():
 def _write_params(path: Path, **overrides) -> Path:
     import yaml
 
-    path.write_text(yaml.safe_dump({"model": {"trust_remote_code": False}, "train": {**TRAIN_CFG, **overrides}}))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())   # stages validate the whole file
+    params["train"].update({**TRAIN_CFG, **overrides})
+    path.write_text(yaml.safe_dump(params))
     return path
 
 
@@ -135,15 +138,17 @@ def runs(tmp_path_factory, tiny_model_dir, train_file):
 # Pure helpers
 
 
-def test_validate_config_defaults_and_errors():
-    cfg = validate_config({"loss": "dft"})
-    assert cfg["loss"] == "dft" and cfg["zero_stage"] == 2 and cfg["gradient_checkpointing"] is False
+def test_validate_config_schema_errors():
+    cfg = validate_config({**TRAIN_CFG, "loss": "dft", "lr": 1, "launcher": "deepspeed --num_gpus 8"})
+    assert cfg["loss"] == "dft" and cfg["lr"] == 1.0 and isinstance(cfg["lr"], float) and "launcher" not in cfg
+    with pytest.raises(ParamsError, match=r"train\.seed: missing required key"):
+        validate_config({k: v for k, v in TRAIN_CFG.items() if k != "seed"})
     for bad, key in [({"loss": "ppo"}, "train.loss"), ({"zero_stage": 4}, "train.zero_stage"),
                      ({"is_clip": [3, 1]}, "train.is_clip"), ({"micro_batch_size": 0}, "train.micro_batch_size"),
                      ({"lr": -1.0}, "train.lr"), ({"data": "other"}, "train.data"), ({"epochs": 1.5}, "train.epochs"),
                      ({"typo_key": 1}, "train.typo_key"), ({"is_level": "batch"}, "train.is_level")]:
         with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
-            validate_config(bad)
+            validate_config({**TRAIN_CFG, **bad})
 
 
 def test_accumulation_steps_and_deepspeed_config():
@@ -151,7 +156,8 @@ def test_accumulation_steps_and_deepspeed_config():
     with pytest.raises(ParamsError, match=r"global_batch_size \(32\) must be a multiple of .*micro_batch_size \(8\) "
                                           r"x world size \(3\) = 24"):
         accumulation_steps(32, 8, 3)
-    cfg = validate_config({"zero_stage": 3, "micro_batch_size": 2, "global_batch_size": 8, "grad_clip": 0.5})
+    cfg = validate_config({**TRAIN_CFG, "zero_stage": 3, "micro_batch_size": 2, "global_batch_size": 8,
+                           "grad_clip": 0.5})
     ds = deepspeed_config(cfg, world_size=2, on_gpu=False)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 8 and ds["gradient_clipping"] == 0.5
@@ -311,7 +317,12 @@ def test_kill_and_resume_replays_remaining_batches_exactly(runs, tiny_model_dir,
     assert "stopped at max_steps=3" in first.stderr
     assert not (work / "resume_model").exists() and not (work / "resume_metrics.json").exists()
     assert (work / "resume_ckpt" / "latest").read_text().strip() == "step-000002"
+    # A kill while the next checkpoint was being saved: a tag folder that `latest` does not name.
+    partial = work / "resume_ckpt" / "step-000003"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"half-written")
     second = _run_stage(work, runs["params"], train_file, tiny_model_dir, "resume")
+    assert "interrupted while being saved" in second.stderr and not partial.exists()
     assert "resumed from" in second.stderr and "at optimizer step 2/4" in second.stderr
     m = read_json(work / "resume_metrics.json")
     ref = read_json(work / "single_metrics.json")

@@ -1,56 +1,24 @@
-"""The verifier: extraction, equivalence, time bounds, worker failure, untrusted text, the verify stage,
-and agreement with real reference solutions (MATH500, GSM8K) when ../shared is present."""
+"""The verifier: equivalence, time bounds, batches, the verify stage, and agreement with real reference
+solutions (MATH500, GSM8K) when ../shared is present. Model-output garbage, untrusted text and worker
+death/hangs are in tests/reliability/ (test_model_output.py, test_untrusted.py, test_verifier_faults.py)."""
 
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from drsft import verify as V
-from drsft.verify import Verdict, extract_boxed, verify_answer, verify_batch
+from drsft.verify import extract_boxed, verify_answer, verify_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 T = 1.0  # timeout_s used for slow inputs in these tests
-
-
-# ------------------------------------------------------------------------------- extraction
-@pytest.mark.parametrize("text, expected", [
-    (r"so \boxed{42}.", "42"),
-    (r"\boxed{1} then \boxed{2}", "2"),
-    (r"\fbox{7}", "7"),
-    (r"\boxed {x = 3}", "x = 3"),
-    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
-    (r"\boxed{\boxed{3}}", "3"),
-    (r"\boxed{a + \boxed{b}} and", "a + b"),
-    (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
-    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)"),
-    (r"\boxed{}", ""),
-    ("no box here", None),
-    ("", None),
-    (r"\boxed{3", None),
-    (r"\boxed{1} and \boxed{2", None),           # the last box is unbalanced
-    (r"\boxed 5", None),                          # braceless: not an answer
-    (r"\boxedfoo{5}", None),
-])
-def test_extract_boxed(text, expected):
-    assert extract_boxed(text) == expected
-
-
-def test_extract_boxed_is_linear_on_big_garbage():
-    junk = ("{" * 50_000) + r"\boxed{" + ("}" * 50_000)
-    t0 = time.perf_counter()
-    assert extract_boxed(junk) == ""
-    assert extract_boxed(r"\boxed{" * 20_000) is None
-    assert time.perf_counter() - t0 < 2.0
 
 
 # ------------------------------------------------------------------------------- equivalence
@@ -91,19 +59,6 @@ def test_percent_as_math_verify_decides():
     assert not verify_answer(r"\boxed{20\%}", "10").correct
 
 
-@pytest.mark.parametrize("response, reason, extracted", [
-    ("I give up.", "no_answer", None),
-    ("", "no_answer", None),
-    (r"\boxed{3", "no_answer", None),
-    (r"\boxed{}", "parse_error", ""),
-    (r"\boxed{   }", "parse_error", ""),
-    (r"\boxed{@@@ ### !!!}", "parse_error", "@@@ ### !!!"),
-])
-def test_reasons(response, reason, extracted):
-    v = verify_answer(response, "5")
-    assert v == Verdict(False, reason, extracted)
-
-
 def test_quick_integer_path_agrees_with_math_verify():
     rng = random.Random(0)
     pairs = [("1,000", "1000"), ("-7", "-7"), ("007", "7"), ("12", "21"), ("1,200", "1200"), ("0", "-0")]
@@ -140,14 +95,6 @@ def test_reference_parsed_once_per_process(monkeypatch):
 
 
 # ------------------------------------------------------------------------------- time bounds
-@pytest.mark.parametrize("answer", [r"9^{9^{9^{9}}}", r"10^{10^{10}}", r"(10^{100})!"])
-def test_gigantic_expression_is_a_timeout_verdict(answer):
-    t0 = time.perf_counter()
-    v = verify_answer(rf"\boxed{{{answer}}}", "3", timeout_s=T)
-    assert v.reason in ("timeout", "wrong", "parse_error") and not v.correct
-    assert time.perf_counter() - t0 < T + 2.0
-
-
 def test_timer_restores_previous_alarm_state():
     fired = []
     old = signal.signal(signal.SIGALRM, lambda s, f: fired.append(1))
@@ -161,18 +108,6 @@ def test_timer_restores_previous_alarm_state():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     assert not fired
-
-
-def test_garbage_and_huge_inputs_are_verdicts():
-    rng = random.Random(0)
-    garbage = "".join(rng.choice("{}\\^_$abc123()[]!%&boxed ") for _ in range(100_000))
-    cases = [garbage, r"\boxed{" + garbage.replace("}", "") + "}", r"\boxed{" + "{" * 3000 + "}" * 3000 + "}",
-             r"\boxed{" + "(" * 800 + "1" + ")" * 800 + "}", r"\boxed{" + r"\frac{1}{" * 300 + "2" + "}" * 300 + "}"]
-    for resp in cases:
-        t0 = time.perf_counter()
-        v = verify_answer(resp, "5", timeout_s=T)
-        assert isinstance(v, Verdict) and v.reason in V.REASONS and not v.correct
-        assert time.perf_counter() - t0 < T + 3.0
 
 
 def test_verify_answer_in_a_thread_is_bounded():
@@ -225,95 +160,6 @@ def test_batch_matches_in_process_and_keeps_order():
     assert verify_batch([], workers=2) == []
 
 
-def _run_pool_with(action, n_items=300, timeout_s=0.5):
-    """Run a 2-worker pool on slow-ish items while ``action(pid)`` hits one busy worker."""
-    items = [(i, rf"\frac{{{3 * i + 1}}}{{7}}", rf"\frac{{{i}}}{{{7 + i % 5}}}") for i in range(n_items)]
-    pool = V._Pool(2, timeout_s)
-    hit = []
-
-    def saboteur():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for w in list(pool.workers):
-                if w.ready and len(w.pending) > 3:
-                    action(w.proc.pid)
-                    hit.append(w.proc.pid)
-                    return
-            time.sleep(0.001)
-
-    th = threading.Thread(target=saboteur)
-    th.start()
-    try:
-        t0 = time.perf_counter()
-        out = pool.run(items)
-        dt = time.perf_counter() - t0
-    finally:
-        th.join()
-        pool.close()
-    return items, out, pool, hit, dt
-
-
-@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL])
-def test_hung_or_dead_worker_is_replaced_and_batch_completes(sig):
-    items, out, pool, hit, dt = _run_pool_with(lambda pid: os.kill(pid, sig))
-    assert hit, "the saboteur never found a busy worker"
-    assert sorted(out) == [i for i, _, _ in items]
-    timeouts = [i for i, r in out.items() if r == "timeout"]
-    assert 1 <= len(timeouts) <= 2
-    assert pool.replaced >= 1
-    assert all(r in ("ok", "wrong") for i, r in out.items() if i not in timeouts)
-    if sig == signal.SIGKILL:  # dead: noticed at once, not after the bound
-        assert dt < 60
-
-
-# ------------------------------------------------------------------------------- untrusted text
-MALICIOUS = [
-    "__import__('os').system('touch {s}')",
-    "eval(\"__import__('os').system('touch {s}')\")",
-    "exec(\"import os; os.system('touch {s}')\")",
-    "(lambda: __import__('os').system('touch {s}'))()",
-    "().__class__.__bases__[0].__subclasses__()",
-    "open('{s}', 'w').write('x')",
-    "__builtins__.__dict__['__import__']('os').system('touch {s}')",
-    "getattr(__import__('os'), 'system')('touch {s}')",
-]
-
-
-def test_untrusted_text_is_never_executed(tmp_path, monkeypatch):
-    sentinel = tmp_path / "SENTINEL"
-    monkeypatch.chdir(tmp_path)
-    # every string sympy is asked to parse as Python must be a plain numeral (sympy.Number(token))
-    import sympy.parsing.sympy_parser as sp
-
-    seen = []
-    real = sp.parse_expr
-
-    def spy(s, *a, **k):
-        seen.append(s)
-        return real(s, *a, **k)
-
-    monkeypatch.setattr(sp, "parse_expr", spy)
-    import math_verify.parser as mvp
-    monkeypatch.setattr(mvp, "parse_expr", spy)
-    monkeypatch.setattr(V, "_parse_cache", V._LRU(100))  # parse afresh, so the spy sees every call
-    monkeypatch.setattr(V, "_reason_cache", V._LRU(100))
-
-    pairs = []
-    for m in MALICIOUS:
-        text = m.format(s=sentinel)
-        for resp in (rf"\boxed{{{text}}}", f"$\\boxed{{{text}}}$", f"The answer: {text}", rf"\boxed{{x = {text}}}"):
-            pairs.append((resp, "5"))
-            pairs.append((r"\boxed{5}", text))  # as the reference, too
-    for resp, ref in pairs:
-        v = verify_answer(resp, ref, timeout_s=T)
-        assert not v.correct or resp == ref
-    verify_batch(pairs, workers=2, timeout_s=T)
-    assert not sentinel.exists()
-    assert seen, "the spy is not hooked (sympy.Number('5') goes through parse_expr)"
-    numeral = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-    assert all(isinstance(s, str) and numeral.fullmatch(s) for s in seen), [s for s in seen if not numeral.fullmatch(s)]
-
-
 # ------------------------------------------------------------------------------- the stage
 def _write(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +173,11 @@ def _sample(pid, i, response):
 
 def _run_stage(tmp_path, *extra):
     params = tmp_path / "params.yaml"
-    params.write_text("verify:\n  timeout_s: 2\n  workers: 2\n", encoding="utf-8")
+    import yaml
+
+    full = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))   # stages validate the whole file
+    full["verify"].update(timeout_s=2, workers=2)
+    params.write_text(yaml.safe_dump(full), encoding="utf-8")
     cmd = [sys.executable, str(ROOT / "stages" / "verify.py"), "--params", str(params),
            "--problems", str(tmp_path / "prepare" / "train.jsonl"), "--samples", str(tmp_path / "sample"),
            "--out", str(tmp_path / "verify" / "verdicts.jsonl"), "--metrics", str(tmp_path / "metrics.json"), *extra]
@@ -358,15 +208,6 @@ def test_stage_writes_verdicts_and_metrics(tmp_path):
     assert m["mean_solve_rate"] == pytest.approx((0.5 + 0 + 1) / 3)
     assert m["reasons"] == {"ok": 3, "wrong": 2, "no_answer": 1, "timeout": 0, "parse_error": 0}
     assert m["verdicts_per_s"] > 0
-
-
-def test_stage_rejects_unknown_problem_naming_file_and_line(tmp_path):
-    _write(tmp_path / "prepare" / "train.jsonl", [{"id": "a", "problem": "p", "solution": "", "answer": "1",
-                                                   "source": "t"}])
-    _write(tmp_path / "sample" / "shard-00000.jsonl", [_sample("a", 0, r"\boxed{1}"), _sample("zz", 0, "x")])
-    proc = _run_stage(tmp_path)
-    assert proc.returncode != 0
-    assert "shard-00000.jsonl:2" in proc.stderr and "problem_id" in proc.stderr
 
 
 # ------------------------------------------------------------------------------- real data

@@ -271,3 +271,27 @@ def load_benchmark(name: str, path: str | os.PathLike) -> list[dict]:
         raise DataError(path, None, "has no rows")
     check_unique_ids(out, path)
     return [r for _, r in out]
+
+
+# --------------------------------------------------------------------------------------------------
+# Subsampling
+# --------------------------------------------------------------------------------------------------
+
+def subsample(records: list[dict], k: int | None, seed: int) -> list[dict]:
+    """A seeded random subset of ``k`` of ``records``, in their original order (``k=None``: all).
+
+    The paper's setting "a 50k-problem subset of the first 100k" is ``limit: 100000`` (the first
+    rows, :func:`load_problems`) then ``subsample(..., 50000, seed)``. The subset is a function of
+    ``(len(records), k, seed)`` only: ``random.Random(seed).sample`` of the row positions, sorted.
+    Raises ValueError when ``k`` is not a positive integer or exceeds the number of records.
+    """
+    import random
+
+    if k is None:
+        return list(records)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"subsample must be a positive integer or null, got {k!r}")
+    if k > len(records):
+        raise ValueError(f"subsample={k} but only {len(records)} rows are available (after limit)")
+    keep = sorted(random.Random(int(seed)).sample(range(len(records)), k))
+    return [records[i] for i in keep]

@@ -17,7 +17,8 @@ def generate_and_verify(backend, problems: Sequence[Mapping], prompts: Sequence[
     """Sample ``sp.n`` completions per prompt and verify each against its problem's answer.
 
     Returns ``(problem, sample_index, completion, verdict)`` tuples in problem order; shared by
-    evaluation and ``guided_align``.
+    evaluation and the world probe of ``prepare`` (``guided_align`` generates through resumable
+    shards and verifies the shards' records).
     """
     completions = backend.generate(list(prompts), sp, progress=True) if prompts else []
     flat = [(p, i, c) for p, comps in zip(problems, completions) for i, c in enumerate(comps)]

@@ -3,15 +3,26 @@
 All stage outputs are JSON Lines (one record per line, UTF-8) or JSON documents, written
 atomically: the content goes to a temporary file in the same folder, is fsynced, and is then
 renamed over the target, so a killed process never leaves a half-written file that DVC could
-cache. Reading errors name the file, the 1-based line and, where it applies, the field.
+cache. A write that fails (disk full, read-only or unwritable folder) removes its temporary file and
+raises :class:`WriteError` naming the target. Reading errors name the file, the 1-based line and,
+where it applies, the field.
+
+The checked readers of the pipeline's own records (docs/records.md) live here too, one per record
+kind, so every stage that reads a kind checks it the same way: :func:`read_problems`,
+:func:`read_samples` (the sample shards), :func:`read_verdicts`, :func:`read_problem_ids` (the
+unsolved lists) and :func:`check_training_row` / :func:`read_training_rows`. Each checks every field
+it returns and rejects duplicate keys, naming the file, the line and the field.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -34,22 +45,78 @@ class DataError(ValueError):
         super().__init__(f"{where}:{what} {message}")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
-    """Open a temporary sibling of ``path``; rename it over ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
+class WriteError(OSError):
+    """An output could not be written (disk full, unwritable folder, ...): the message names the path.
+
+    Raised by the atomic writers when a write fails and by :func:`drsft.stage.preflight` before a
+    stage starts; ``errno`` is the underlying error's (e.g. ``errno.ENOSPC``).
+    """
+
+    def __init__(self, path: str | os.PathLike, message: str, err: int | None = None):
+        super().__init__(err, message, str(path))
+        self.path = str(path)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the file system holding ``path`` (its nearest existing ancestor); None if unknown."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
     try:
-        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = free_bytes(path.parent)
+        why += f" ({human_bytes(free)} free on its file system)" if free is not None else ""
+        why += "; nothing was written (no partial file left), free some space and rerun"
+    return WriteError(path, f"cannot write: {why}", exc.errno)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", errors: str | None = None):
+    """Open a temporary sibling of ``path``; rename it over ``path`` only if the block succeeds.
+
+    On any failure the temporary file is removed and ``path`` is left as it was. An ``OSError`` of
+    the write itself (no file name attached, e.g. ENOSPC from ``write``/``flush``/``fsync``) or of
+    creating the folder, the temporary file or the rename becomes a :class:`WriteError` naming
+    ``path``; other errors raised inside the block propagate unchanged.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    try:
+        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None,
+                       errors=errors if "b" not in mode else None) as fh:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError) and exc.filename in (None, tmp, str(path)):
+            raise _write_error(path, exc) from None
         raise
 
 
@@ -70,7 +137,9 @@ def dumps(record: Any) -> str:
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records atomically; returns the number written."""
     n = 0
-    with atomic_path(path) as fh:
+    # A lone surrogate (crafted or broken model output, e.g. "\udcff") cannot be encoded as UTF-8;
+    # backslashreplace writes it as the JSON escape \udcff, which reads back as the same string.
+    with atomic_path(path, errors="backslashreplace") as fh:
         for rec in records:
             fh.write(dumps(rec))
             fh.write("\n")
@@ -79,7 +148,7 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_path(path) as fh:
+    with atomic_path(path, errors="backslashreplace") as fh:  # see write_jsonl
         fh.write(json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True, allow_nan=False, default=_json_default))
         fh.write("\n")
 
@@ -157,6 +226,217 @@ def check_unique_ids(records: Sequence[tuple[int, dict]], path: str | os.PathLik
         if key in seen:
             raise DataError(path, lineno, f"duplicate id {key!r} (first at line {seen[key]})", field)
         seen[key] = lineno
+
+
+# --------------------------------------------------------------------------------------------------
+# Checked readers of the pipeline's records (docs/records.md)
+
+FINISH_REASONS = ("stop", "length")
+VERDICT_REASONS = ("ok", "wrong", "no_answer", "timeout", "parse_error")  # == drsft.verify.REASONS (tested)
+TRAINING_TIERS = ("self", "guided", "fallback", "expert")
+SHARD_GLOB = "shard-*.jsonl"
+
+
+def _index(rec: dict, path, line) -> int:
+    value = require(rec, "sample_index", path, line, kind=int)
+    if isinstance(value, bool) or value < 0:
+        raise DataError(path, line, f"must be an integer >= 0, got {value!r}", "sample_index")
+    return value
+
+
+def _token_ids(value: Any, path, line, field: str) -> list[int]:
+    if value is None:
+        raise DataError(path, line, "is missing", field)
+    if not isinstance(value, list):
+        raise DataError(path, line, f"must be a list of token ids, got {type(value).__name__}", field)
+    for j, t in enumerate(value):
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise DataError(path, line, f"item {j} = {t!r} is not a token id (an integer >= 0)", field)
+    return value
+
+
+def _logprobs(value: Any, n: int, path, line, field: str) -> list[float]:
+    if value is None:
+        raise DataError(path, line, "is missing", field)
+    if not isinstance(value, list) or len(value) != n:
+        got = len(value) if isinstance(value, list) else type(value).__name__
+        raise DataError(path, line, f"must be a list of {n} log-probs (one per response token), got {got}", field)
+    for j, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > 1e-3:
+            raise DataError(path, line, f"item {j} = {v!r} is not a finite log-probability <= 0", field)
+    return value
+
+
+def _unique(seen: dict, key, path, line, field: str, what: str) -> None:
+    if key in seen:
+        raise DataError(path, line, f"duplicate {what} {key!r} (first at {seen[key]})", field)
+    seen[key] = f"{Path(path).name}:{line}"
+
+
+def read_problems(path: str | os.PathLike) -> list[dict]:
+    """Problem records (``id``, ``problem``, ``answer`` non-empty strings; ``solution``/``source``
+    strings when present), ids unique, at least one row."""
+    rows, seen = [], {}
+    for line, rec in iter_jsonl(path):
+        pid = require(rec, "id", path, line)
+        require(rec, "problem", path, line)
+        require(rec, "answer", path, line)
+        for field in ("solution", "source"):
+            if rec.get(field) is not None:
+                require(rec, field, path, line, nonempty=False)
+        _unique(seen, pid, path, line, "id", "id")
+        rows.append(rec)
+    if not rows:
+        raise DataError(path, None, "has no problems")
+    return rows
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    """The shard files of a sharded output folder; with a ``manifest.json`` (drsft.rollout.run_sharded),
+    exactly the shards it lists, so a run that did not finish is never read as complete."""
+    if not folder.is_dir():
+        raise DataError(folder, None, "not found (a folder of shard-*.jsonl files): run the sample stage first")
+    files = sorted(folder.glob(SHARD_GLOB))
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        doc = read_json(manifest)
+        listed = doc.get("shards") if isinstance(doc, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(x, str) for x in listed):
+            raise DataError(manifest, None, "must list the shard files", "shards")
+        names = {f.name for f in files}
+        missing = [x for x in listed if x not in names]
+        if missing:
+            raise DataError(manifest, None, f"lists {len(missing)} shard(s) that are missing, e.g. {missing[0]}: "
+                                            "the sample stage did not finish; rerun it", "shards")
+        extra = sorted(names - set(listed))
+        if extra:
+            raise DataError(folder / extra[0], None, "is not in manifest.json: a stale shard of another run; "
+                                                     "rerun the sample stage")
+    if not files:
+        raise DataError(folder, None, f"no {SHARD_GLOB} files: run the sample stage first")
+    return files
+
+
+def read_samples(folder: str | os.PathLike, problem_ids: Iterable[str] | None = None,
+                 fields: Sequence[str] | None = None) -> list[dict]:
+    """Sample records of every shard of ``folder`` in shard order, each field checked.
+
+    ``problem_id``, ``prompt`` strings; ``sample_index`` an integer >= 0; ``response`` a string (may be
+    empty); ``response_ids`` token ids; ``logprobs`` one finite log-prob per token; ``finish_reason``
+    ``stop``/``length``. ``(problem_id, sample_index)`` is unique over all shards; with
+    ``problem_ids``, every ``problem_id`` must be one of them. ``fields`` keeps only those fields of
+    each returned record (all are still checked).
+    """
+    folder = Path(folder)
+    known = set(problem_ids) if problem_ids is not None else None
+    out, seen = [], {}
+    for f in _shard_files(folder):
+        for line, rec in iter_jsonl(f):
+            pid = require(rec, "problem_id", f, line)
+            idx = _index(rec, f, line)
+            require(rec, "prompt", f, line)
+            require(rec, "response", f, line, nonempty=False)
+            ids = _token_ids(rec.get("response_ids"), f, line, "response_ids")
+            _logprobs(rec.get("logprobs"), len(ids), f, line, "logprobs")
+            if rec.get("finish_reason") not in FINISH_REASONS:
+                raise DataError(f, line, f"must be one of {', '.join(FINISH_REASONS)}, got "
+                                         f"{rec.get('finish_reason')!r}", "finish_reason")
+            if known is not None and pid not in known:
+                raise DataError(f, line, f"unknown problem {pid!r} (not in the problems file)", "problem_id")
+            _unique(seen, (pid, idx), f, line, "sample_index", "sample")
+            out.append({k: rec[k] for k in fields} if fields is not None else rec)
+    return out
+
+
+def read_verdicts(path: str | os.PathLike, samples: Iterable[tuple[str, int]] | None = None) -> list[dict]:
+    """Verdict records: ``problem_id``, ``sample_index``, ``correct`` (bool), ``reason`` (one of
+    :data:`VERDICT_REASONS`, ``ok`` exactly when correct), ``extracted`` (string or null); one per
+    ``(problem_id, sample_index)``. With ``samples`` (their keys), every sample has exactly one verdict."""
+    rows, seen, lines = [], {}, {}
+    for line, rec in iter_jsonl(path):
+        pid = require(rec, "problem_id", path, line)
+        idx = _index(rec, path, line)
+        lines[(pid, idx)] = line
+        correct = require(rec, "correct", path, line, kind=bool)
+        reason = rec.get("reason")
+        if reason not in VERDICT_REASONS:
+            raise DataError(path, line, f"must be one of {', '.join(VERDICT_REASONS)}, got {reason!r}", "reason")
+        if correct != (reason == "ok"):
+            raise DataError(path, line, f"correct={correct} contradicts reason {reason!r}", "correct")
+        if rec.get("extracted") is not None and not isinstance(rec["extracted"], str):
+            raise DataError(path, line, "must be a string or null", "extracted")
+        _unique(seen, (pid, idx), path, line, "sample_index", "verdict for")
+        rows.append(rec)
+    if samples is not None:
+        keys = list(samples)
+        wanted = set(keys)
+        for key, line in lines.items():
+            if key not in wanted:
+                raise DataError(path, line, f"verdict for {key!r}, which is not a sample: the verdicts are "
+                                            "out of date; rerun verify", "sample_index")
+        missing = [k for k in keys if k not in lines]
+        if missing:
+            raise DataError(path, None, f"{len(missing)} sample(s) have no verdict, e.g. {missing[0]!r}: the "
+                                        "verdicts are out of date; rerun verify")
+    return rows
+
+
+def read_problem_ids(path: str | os.PathLike, known: Iterable[str] | None = None) -> list[str]:
+    """The ``problem_id`` of each row (an unsolved list), unique; with ``known``, each one of them."""
+    known = set(known) if known is not None else None
+    ids, seen = [], {}
+    for line, rec in iter_jsonl(path):
+        pid = require(rec, "problem_id", path, line)
+        if known is not None and pid not in known:
+            raise DataError(path, line, f"unknown problem {pid!r} (not in the problems file)", "problem_id")
+        _unique(seen, pid, path, line, "problem_id", "problem_id")
+        ids.append(pid)
+    return ids
+
+
+def check_training_row(rec: dict, path: str | os.PathLike, line: int, seen: dict | None = None) -> dict:
+    """Check one training example (docs/records.md); with ``seen`` (a dict kept across rows), reject a
+    row repeating an earlier one's ``(problem_id, tier, response_ids)``."""
+    pid = require(rec, "problem_id", path, line)
+    tier = require(rec, "tier", path, line)
+    if tier not in TRAINING_TIERS:
+        raise DataError(path, line, f"unknown tier {tier!r} (expected one of {', '.join(TRAINING_TIERS)})", "tier")
+    require(rec, "prompt", path, line)
+    require(rec, "response", path, line, nonempty=False)
+    ids = _token_ids(rec.get("response_ids"), path, line, "response_ids")
+    if rec.get("behaviour_logprobs") is not None:
+        _logprobs(rec["behaviour_logprobs"], len(ids), path, line, "behaviour_logprobs")
+    _logprobs(rec.get("plain_logprobs"), len(ids), path, line, "plain_logprobs")
+    require(rec, "behaviour", path, line)
+    if seen is not None:
+        check_duplicate_row(seen, pid, tier, ids, path, line)
+    return rec
+
+
+def check_duplicate_row(seen: dict, problem_id: str, tier: str, response_ids: Sequence[int],
+                        path: str | os.PathLike, line: int) -> None:
+    """Reject a training row with the same ``(problem_id, tier, response_ids)`` as an earlier one
+    (``seen`` is kept across the rows of a file; it holds a 128-bit digest per row, not the ids)."""
+    digest = hashlib.blake2b(repr(list(response_ids)).encode(), digest_size=16).digest()
+    key = (problem_id, tier, digest)
+    if key in seen:
+        raise DataError(path, line, f"duplicate row: same problem_id {problem_id!r}, tier {tier!r} and response "
+                                    f"as line {seen[key]}", "response_ids")
+    seen[key] = line
+
+
+def read_training_rows(path: str | os.PathLike, known: Iterable[str] | None = None) -> list[dict]:
+    """Training examples, each checked by :func:`check_training_row`; with ``known``, every
+    ``problem_id`` must be one of them."""
+    known = set(known) if known is not None else None
+    rows, seen = [], {}
+    for line, rec in iter_jsonl(path):
+        check_training_row(rec, path, line, seen)
+        if known is not None and rec["problem_id"] not in known:
+            raise DataError(path, line, f"unknown problem {rec['problem_id']!r} (not in the problems file)",
+                            "problem_id")
+        rows.append(rec)
+    return rows
 
 
 def finite_or_none(x: float) -> float | None:

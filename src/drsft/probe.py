@@ -23,21 +23,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-DEFAULT_PROBE = {
-    "n_problems": 100,
-    "n": 4,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "max_new_tokens": 160,
-    "batch_size": 64,
-    "seed": 0,
-    "backend": "hf",
-    "solve_rate_min": 0.2,
-    "solve_rate_max": 0.7,
-    "unsolved_min": 0.15,
-}
-
-
 def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -50,21 +35,24 @@ def _token_nll(logprob_lists: Sequence[Sequence[float]]) -> float | None:
     return -sum(sum(lp) for lp in logprob_lists) / total
 
 
-def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping, cfg: Mapping | None = None,
-                verify_workers: int = 2, verify_timeout_s: float = 5.0, trust_remote_code: bool = False,
+def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping, cfg: Mapping,
+                verify_workers: int, verify_timeout_s: float, trust_remote_code: bool = False,
                 log: Callable[[str], Any] = print) -> dict:
     """Measure the three properties on the first ``cfg['n_problems']`` of ``problems``.
 
+    ``cfg``: the ``prepare.probe`` params (validated by drsft.schema; params.yaml holds the
+    defaults) less ``enabled`` and the verifier settings, which come as arguments.
     ``problems``: problem records (``id``, ``problem``, ``solution``, ``answer``). Returns the
     ``world`` section of ``metrics/prepare.json`` (rates, counts, NLLs and ``checks``).
     """
+    from drsft.evaluate import generate_and_verify
     from drsft.models import load_model, load_tokenizer
     from drsft.prompts import render_prompt
     from drsft.rollout import SamplingParams, make_backend
     from drsft.scoring import score_responses
-    from drsft.verify import verify_batch
 
-    c = {**DEFAULT_PROBE, **(cfg or {})}
+    c = dict(cfg)
+    verify_cfg = {"workers": int(verify_workers), "timeout_s": float(verify_timeout_s)}
     t0 = time.time()
     probs = [p for p in problems if p.get("solution")][: int(c["n_problems"])]
     if not probs:
@@ -77,16 +65,15 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
         return SamplingParams(n=n, temperature=float(c["temperature"]), top_p=float(c["top_p"]),
                               max_new_tokens=int(c["max_new_tokens"]), seed=seed, batch_size=int(c["batch_size"]))
 
-    def run(prompts: list[str], answers: list[str], seed: int):
-        comps = backend.generate(prompts, sampling(seed)) if prompts else []
-        pairs = [(comp.text, ans) for row, ans in zip(comps, answers) for comp in row]
-        verdicts = verify_batch(pairs, workers=verify_workers, timeout_s=verify_timeout_s) if pairs else []
-        ok = [[v.correct for v in verdicts[i * n:(i + 1) * n]] for i in range(len(prompts))]
+    def run(prompts: list[str], items: list[Mapping], seed: int):
+        """The completions and verdicts per prompt, through the pipeline's one generate-and-verify path."""
+        rows = generate_and_verify(backend, items, prompts, sampling(seed), verify_cfg)
+        comps = [[c for _, _, c, _ in rows[i * n:(i + 1) * n]] for i in range(len(prompts))]
+        ok = [[v.correct for _, _, _, v in rows[i * n:(i + 1) * n]] for i in range(len(prompts))]
         return comps, ok
 
     plain = [render_prompt(tok, p["problem"], prompt_cfg) for p in probs]
-    answers = [p["answer"] for p in probs]
-    comps, ok = run(plain, answers, int(c["seed"]))
+    comps, ok = run(plain, probs, int(c["seed"]))
     rates = [sum(o) / n for o in ok]
     unsolved = [i for i, o in enumerate(ok) if not any(o)]
     finished = sum(comp.finish_reason == "stop" for row in comps for comp in row) / (n * len(probs))
@@ -99,8 +86,8 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
     # Property 2: guided re-solve vs a fresh unguided estimate on the unsolved problems.
     guided_prompts = [render_prompt(tok, probs[i]["problem"], prompt_cfg, hint=probs[i]["solution"])
                       for i in unsolved]
-    _, g_ok = run(guided_prompts, [answers[i] for i in unsolved], int(c["seed"]))
-    _, f_ok = run([plain[i] for i in unsolved], [answers[i] for i in unsolved], int(c["seed"]) + 1)
+    _, g_ok = run(guided_prompts, [probs[i] for i in unsolved], int(c["seed"]))
+    _, f_ok = run([plain[i] for i in unsolved], [probs[i] for i in unsolved], int(c["seed"]) + 1)
     guided_rate = _mean([sum(o) / n for o in g_ok])
     fresh_rate = _mean([sum(o) / n for o in f_ok])
     guided_any = sum(any(o) for o in g_ok)

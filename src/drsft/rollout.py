@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ BACKENDS = ("hf", "vllm")
 # Options every backend accepts, so callers can pass one dict whatever the backend; the ones a
 # backend has no use for are ignored (documented per backend).
 _COMMON_OPTS = {"device", "dtype", "trust_remote_code", "tensor_parallel_size", "gpu_memory_utilization",
-                "max_model_len", "enforce_eager", "attn_implementation"}
+                "max_model_len", "enforce_eager", "attn_implementation", "data_parallel_size"}
 
 
 @dataclass
@@ -84,6 +85,19 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
+# Engine layout: how the work is spread over devices and batches, not which policy samples. Left
+# out of the resume fingerprint of sample / guided_align shards, so a run resumed on another layout
+# (fewer GPUs, another batch size) reuses the finished shards: their samples come from the same
+# model, prompts and sampling params. A fresh run with the same layout is byte-identical on CPU; on
+# another layout samples may differ in float rounding (batch composition), not in distribution.
+LAYOUT_KEYS = ("batch_size", "tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization")
+
+
+def policy_identity(rollout_cfg: dict) -> dict:
+    """The ``rollout`` params that determine what is sampled (backend, dtype): for shard fingerprints."""
+    return {k: v for k, v in rollout_cfg.items() if k not in LAYOUT_KEYS}
+
+
 def make_backend(name: str, model_path: str, **opts):
     """Build a rollout backend.
 
@@ -92,13 +106,17 @@ def make_backend(name: str, model_path: str, **opts):
     ``reference.json``), or what :func:`drsft.models.resolve_model` returned for one.
     ``opts``: any of ``device``, ``dtype`` (``auto``: bf16 on GPU, fp32 on CPU),
     ``trust_remote_code``, ``tensor_parallel_size``, ``gpu_memory_utilization``,
-    ``max_model_len``, ``enforce_eager``, ``attn_implementation``; a backend ignores the ones it
-    has no use for, and an unknown option is an error.
+    ``max_model_len``, ``enforce_eager``, ``attn_implementation``, ``data_parallel_size`` (vllm:
+    one engine per rank); a backend ignores the ones it has no use for, and an unknown option is
+    an error.
     """
     unknown = sorted(set(opts) - _COMMON_OPTS)
     if unknown:
         raise TypeError(f"make_backend: unknown option(s) {unknown}; known: {sorted(_COMMON_OPTS)}")
     if name == "hf":
+        if int(opts.get("data_parallel_size", 1) or 1) > 1:
+            log.warning("rollout.data_parallel_size=%s is ignored by the hf backend (one process, one device)",
+                        opts["data_parallel_size"])
         return HFBackend.load(model_path, **opts)
     if name == "vllm":
         return VLLMBackend(model_path, **opts)
@@ -453,83 +471,330 @@ class HFBackend:
 
 # ----------------------------------------------------------------------------------------------
 # vllm backend
+#
+# UNRUN: no GPU and no vllm on the development machine. The code follows the vLLM API of the
+# versions pinned in the ``gpu`` extra (pyproject.toml: vllm>=0.10.2,<0.12, V1 engine); the pure
+# parts (splitting, GPU slices, reassembly) and the process orchestration are tested on CPU with a
+# stand-in ``vllm`` module (tests/test_rollout.py, tests/test_scale.py).
+
+
+def dp_split(n_items: int, data_parallel_size: int) -> list[list[int]]:
+    """Indices of the prompts each data-parallel rank generates: round-robin (rank r gets
+    r, r + dp, r + 2 dp, ...), so that a list sorted by length or difficulty spreads evenly.
+    A rank may get none when there are fewer prompts than ranks."""
+    dp = int(data_parallel_size)
+    if dp < 1:
+        raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
+    if n_items < 0:
+        raise ValueError(f"n_items must be >= 0, got {n_items}")
+    return [list(range(r, n_items, dp)) for r in range(dp)]
+
+
+def dp_reassemble(parts: Sequence[Sequence[Any]], splits: Sequence[Sequence[int]], n_items: int) -> list[Any]:
+    """Inverse of :func:`dp_split`: ``parts[r][j]`` is the result for prompt ``splits[r][j]``;
+    returns the results in input order. Raises ValueError when a rank returned the wrong number
+    of results or the splits do not cover every index exactly once."""
+    out: list[Any] = [None] * n_items
+    seen = [False] * n_items
+    for r, (part, idx) in enumerate(zip(parts, splits)):
+        if len(part) != len(idx):
+            raise ValueError(f"data-parallel rank {r} returned {len(part)} results for {len(idx)} prompts")
+        for j, i in enumerate(idx):
+            if not 0 <= i < n_items or seen[i]:
+                raise ValueError(f"data-parallel split: index {i} out of range or assigned twice")
+            seen[i] = True
+            out[i] = part[j]
+    if len(parts) != len(splits) or not all(seen):
+        raise ValueError("data-parallel split does not cover every prompt exactly once")
+    return out
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` when set (ids or UUIDs, kept as
+    written), else ``0 .. torch.cuda.device_count() - 1``."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def dp_gpu_slices(data_parallel_size: int, tensor_parallel_size: int, visible: Sequence[str]) -> list[list[str]]:
+    """The ``CUDA_VISIBLE_DEVICES`` slice of each data-parallel rank: rank r gets the
+    ``tensor_parallel_size`` GPUs ``visible[r*tp:(r+1)*tp]`` (the layout of vLLM's offline
+    data-parallel example). Raises ValueError when dp x tp GPUs are not visible."""
+    dp, tp = int(data_parallel_size), int(tensor_parallel_size)
+    if dp < 1 or tp < 1:
+        raise ValueError(f"data_parallel_size and tensor_parallel_size must be >= 1, got {dp} and {tp}")
+    visible = list(visible)
+    if dp * tp > len(visible):
+        raise ValueError(f"rollout.data_parallel_size x rollout.tensor_parallel_size = {dp} x {tp} = {dp * tp} GPUs, "
+                         f"but only {len(visible)} are visible ({','.join(visible) or 'none'})")
+    return [visible[r * tp:(r + 1) * tp] for r in range(dp)]
+
+
+def _vllm_requests(llm, vllm, requests: Sequence[tuple[list[int], int]], sp_kwargs: dict,
+                   use_tqdm: bool = False) -> list[list[tuple[list[int], list[float], str]]]:
+    """Run ``requests`` = ``[(prompt_token_ids, seed), ...]`` in ONE ``llm.generate`` call (vLLM
+    schedules the whole list itself) and return, per request, its samples in sample order as
+    ``(token_ids, logprobs, finish_reason)`` with plain Python numbers (small to pickle)."""
+    if not requests:
+        return []
+    inputs = [{"prompt_token_ids": list(ids)} for ids, _ in requests]
+    sps = [vllm.SamplingParams(**sp_kwargs, seed=int(seed)) for _, seed in requests]
+    outputs = llm.generate(inputs, sampling_params=sps, use_tqdm=use_tqdm)
+    if len(outputs) != len(requests):
+        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
+    result = []
+    for i, out in enumerate(outputs):
+        samples = []
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            ids = [int(t) for t in c.token_ids]
+            if c.logprobs is None or len(c.logprobs) != len(ids):
+                raise RuntimeError(f"vLLM returned no per-token logprobs for request {i}")
+            # logprobs=0: each position holds the sampled token's entry (raw_logprobs: T=1, raw logits)
+            lps = [float(c.logprobs[k][t].logprob) for k, t in enumerate(ids)]
+            samples.append((ids, lps, str(c.finish_reason)))
+        result.append(samples)
+    return result
+
+
+def _vllm_llm(vllm, llm_kwargs: dict):
+    try:
+        return vllm.LLM(**llm_kwargs)
+    except TypeError as exc:
+        if "logprobs_mode" in str(exc):
+            raise RuntimeError("this vLLM has no logprobs_mode option (raw log-probs); vLLM >= 0.10.2 "
+                               "is needed (pip install 'drsft[gpu]')") from exc
+        raise
+
+
+def _vllm_worker(conn, rank: int, gpus: list[str], llm_kwargs: dict) -> None:
+    """One data-parallel rank (a spawned process): its own GPU slice, its own ``vllm.LLM``.
+
+    Protocol on ``conn``: sends ``("ready", rank)`` or ``("error", text)`` once; then for each
+    ``(requests, sp_kwargs)`` received answers ``("ok", results)`` or ``("error", text)``;
+    ``None`` (or a closed pipe) ends it."""
+    # Before anything can initialise CUDA in this process: the slice is all it may see.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    import traceback
+
+    try:
+        import vllm
+
+        llm = _vllm_llm(vllm, llm_kwargs)
+        conn.send(("ready", rank))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+        conn.send(("error", (f"rank {rank} (GPUs {','.join(gpus)}): {type(exc).__name__}: {exc}\n"
+                             f"{traceback.format_exc()}")))
+        conn.close()
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            break
+        if msg is None:
+            break
+        requests, sp_kwargs = msg
+        try:
+            conn.send(("ok", _vllm_requests(llm, vllm, requests, sp_kwargs)))
+        except BaseException as exc:  # noqa: BLE001
+            conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    conn.close()
+
+
+def _shutdown_workers(procs, conns) -> None:
+    for conn in conns:
+        with contextlib.suppress(Exception):
+            conn.send(None)
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=10)
+    for conn in conns:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+class _VLLMWorkerPool:
+    """``data_parallel_size`` persistent worker processes (spawned, not forked: CUDA must not be
+    inherited), each pinned to ``tensor_parallel_size`` GPUs through ``CUDA_VISIBLE_DEVICES`` and
+    holding its own ``vllm.LLM`` for the life of the backend, so the model is loaded once per
+    rank, not once per ``generate`` call. Workers are not daemons (vLLM's engine starts its own
+    processes); a multiprocessing finalizer stops them before the interpreter joins its children."""
+
+    def __init__(self, slices: list[list[str]], llm_kwargs: dict):
+        import multiprocessing as mp
+        from multiprocessing import util as mp_util
+
+        ctx = mp.get_context("spawn")
+        self.procs, self.conns = [], []
+        for rank, gpus in enumerate(slices):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_vllm_worker, args=(child, rank, list(gpus), dict(llm_kwargs)),
+                            name=f"drsft-vllm-dp{rank}", daemon=False)
+            p.start()
+            child.close()
+            self.procs.append(p)
+            self.conns.append(parent)
+        self._finalizer = mp_util.Finalize(self, _shutdown_workers, args=(self.procs, self.conns), exitpriority=10)
+        errors = []
+        for conn in self.conns:
+            try:
+                kind, payload = conn.recv()
+            except EOFError:
+                kind, payload = "error", "a data-parallel worker died while loading the model"
+            if kind != "ready":
+                errors.append(str(payload))
+        if errors:
+            self.close()
+            raise RuntimeError("vLLM data-parallel workers failed to start:\n" + "\n".join(errors))
+        log.info("vLLM: %d data-parallel ranks on GPUs %s", len(slices), [",".join(s) for s in slices])
+
+    def run(self, parts: list[list[tuple[list[int], int]]], sp_kwargs: dict) -> list[list]:
+        """Send rank r its requests ``parts[r]`` (all ranks work at once) and collect the results."""
+        busy = [r for r, part in enumerate(parts) if part]
+        for r in busy:
+            self.conns[r].send((parts[r], sp_kwargs))
+        results: list[list] = [[] for _ in parts]
+        errors = []
+        for r in busy:  # every busy rank answers before we raise, so the pipes stay in step
+            try:
+                kind, payload = self.conns[r].recv()
+            except EOFError:
+                kind, payload = "error", f"data-parallel rank {r} died"
+            if kind == "ok":
+                results[r] = payload
+            else:
+                errors.append(str(payload))
+        if errors:
+            raise RuntimeError("vLLM generation failed:\n" + "\n".join(errors))
+        return results
+
+    def close(self) -> None:
+        self._finalizer()
 
 
 class VLLMBackend:
-    """vLLM offline inference (GPU). UNRUN on the development machine (CPU only, no vllm): the
-    code follows the vLLM API (``vllm.LLM`` / ``vllm.SamplingParams``, V1 engine; needs a vLLM with the
-    ``logprobs_mode`` engine option, 0.10.2 or later).
+    """vLLM offline inference (GPU). **UNRUN** on the development machine (CPU only, no vllm):
+    the code follows the vLLM API of the ``gpu`` extra (``vllm>=0.10.2,<0.12``: ``vllm.LLM`` /
+    ``vllm.SamplingParams``, V1 engine, the ``logprobs_mode`` engine option).
 
-    Behaviour log-probs: vLLM's engine option ``logprobs_mode`` chooses what ``logprobs`` hold:
-    ``raw_logprobs`` (log-softmax of the model's raw logits, before temperature, top-k/top-p and
-    other logit processors), ``processed_logprobs`` (after them), or the ``*_logits`` variants.
-    We pass ``logprobs_mode="raw_logprobs"`` explicitly, the T=1 distribution of the model that
-    our importance weights need, and ``SamplingParams(logprobs=0)`` so that only the sampled
-    token's log-prob is returned. Older vLLM without that option is rejected with a clear error
-    (its default V0 sampler returned processed log-probs).
+    Behaviour log-probs: the engine option ``logprobs_mode`` (vLLM PR #21398; its "processed"
+    modes were made to mean "after temperature and top-k/top-p" by PR #22387, in 0.10.2) chooses
+    what ``logprobs`` hold: ``raw_logprobs`` = log-softmax of the model's raw logits, computed
+    before any logit processor, temperature or top-k/top-p; ``processed_logprobs`` = after them;
+    or the ``*_logits`` variants. We pass ``logprobs_mode="raw_logprobs"`` explicitly (it is also
+    the default), the T=1 distribution of the model that our importance weights need, and
+    ``SamplingParams(logprobs=0)``, so each position carries only the sampled token's log-prob.
+    The token itself is still drawn at the requested temperature/top-p. This matches the hf
+    backend's contract (``Completion.logprobs`` = raw T=1 log-probs of the sampled tokens).
 
-    Prompts are passed as token ids (``encode_prompt``) so that vLLM sees exactly the tokens that
-    scoring and training use. Each prompt gets its own request seed (:func:`sequence_seed` of
-    the prompt text, sample index 0), so samples do not depend on other prompts in the call;
-    vLLM's kernels differ from transformers', so they differ from the hf backend's samples.
-    ``device`` and ``attn_implementation`` are ignored.
+    Prompts are passed as token ids (``encode_prompt``), so vLLM sees exactly the tokens that
+    scoring and training use, and each ``generate`` call hands the whole prompt list to vLLM at
+    once (vLLM's scheduler batches it; ``rollout.batch_size`` is for the hf backend only).
+
+    Seeds: every prompt is its own request with its own seed (:func:`sequence_seed` of the run
+    seed, the prompt text and its repeat index, computed over the *whole* prompt list); vLLM
+    derives the seed of sample j of an ``n > 1`` request as ``seed + j`` and draws each seeded
+    request's randomness from its own generator. So which rank or batch a prompt lands in does
+    not change its random draws.
+
+    Data parallel (``data_parallel_size > 1``): like vLLM's offline data-parallel example, one
+    process per rank, each with its own ``CUDA_VISIBLE_DEVICES`` slice of
+    ``tensor_parallel_size`` GPUs (:func:`dp_gpu_slices`) and its own engine (independent
+    replicas: the dense models used here need no cross-rank coordination, so the example's
+    ``VLLM_DP_*`` variables, which exist for MoE expert parallelism, are not set). Prompts are
+    split round-robin (:func:`dp_split`) and the results put back in input order
+    (:func:`dp_reassemble`). Results do not depend on the DP size *up to floating-point
+    batch effects*: the seeds and so the random draws are the same whatever the split, but the
+    logits of a sequence can differ in the last bits when it is batched with other sequences
+    (vLLM's kernels are not batch-invariant by default), which can flip a token whose draw lies
+    within that distance of a CDF boundary -- the same caveat as for the hf backend.
+    ``device``, ``attn_implementation`` and the hf ``batch_size`` are ignored.
     """
 
     def __init__(self, model_path: str, dtype: str = "auto", trust_remote_code: bool = False,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int | None = None, enforce_eager: bool = False, **ignored):
-        try:
-            import vllm
-        except ImportError as exc:
-            raise ImportError(
-                "rollout backend 'vllm' needs the vllm package, which is not installed: install the GPU extra "
-                "on a CUDA machine with `pip install 'drsft[gpu]'`, or set rollout.backend: hf") from exc
+                 max_model_len: int | None = None, enforce_eager: bool = False, data_parallel_size: int = 1,
+                 **ignored):
+        import importlib.util
+
         from drsft.models import load_tokenizer, resolve_model
 
+        dp, tp = int(data_parallel_size), int(tensor_parallel_size)
+        if dp < 1 or tp < 1:
+            raise ValueError(f"rollout: data_parallel_size and tensor_parallel_size must be >= 1, got {dp} and {tp}")
+        missing = ImportError(
+            "rollout backend 'vllm' needs the vllm package, which is not installed: install the GPU extra "
+            "on a CUDA machine with `pip install 'drsft[gpu]'`, or set rollout.backend: hf")
+        try:
+            if importlib.util.find_spec("vllm") is None:
+                raise missing
+        except ValueError:  # vllm in sys.modules as None (tests) or without a spec
+            if sys.modules.get("vllm") is None:
+                raise missing from None
         target = resolve_model(model_path) if Path(model_path).is_dir() else str(model_path)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         self.eos_ids = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
-        kwargs = dict(model=target, dtype="auto" if dtype in (None, "auto") else dtype,
-                      trust_remote_code=trust_remote_code, tensor_parallel_size=int(tensor_parallel_size),
-                      gpu_memory_utilization=float(gpu_memory_utilization), seed=0,
-                      logprobs_mode="raw_logprobs", enforce_eager=bool(enforce_eager))
+        self.llm_kwargs = dict(model=target, dtype="auto" if dtype in (None, "auto") else dtype,
+                               trust_remote_code=trust_remote_code, tensor_parallel_size=tp,
+                               gpu_memory_utilization=float(gpu_memory_utilization), seed=0,
+                               logprobs_mode="raw_logprobs", enforce_eager=bool(enforce_eager))
         if max_model_len:
-            kwargs["max_model_len"] = int(max_model_len)
-        try:
-            self.llm = vllm.LLM(**kwargs)
-        except TypeError as exc:
-            if "logprobs_mode" in str(exc):
-                raise RuntimeError("this vLLM has no logprobs_mode option (raw log-probs); vLLM >= 0.10.2 "
-                                   "is needed") from exc
-            raise
-        self._vllm = vllm
+            self.llm_kwargs["max_model_len"] = int(max_model_len)
+        self.data_parallel_size = dp
+        self.pool = None
+        self.llm = None
+        if dp == 1:
+            try:
+                import vllm
+            except ImportError as exc:
+                raise missing from exc
+            self._vllm = vllm
+            self.llm = _vllm_llm(vllm, self.llm_kwargs)
+        else:
+            self.pool = _VLLMWorkerPool(dp_gpu_slices(dp, tp, visible_gpus()), self.llm_kwargs)
+
+    def close(self) -> None:
+        """Stop the data-parallel workers (also done automatically at exit)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def generate(self, prompts: list[str], params: SamplingParams, progress: Any = False) -> list[list[Completion]]:
         params.validate()
         if not prompts:
             return []
         greedy = float(params.temperature) == 0.0
-        inputs, sps = [], []
+        sp_kwargs = dict(n=1 if greedy else int(params.n), temperature=float(params.temperature),
+                         top_p=1.0 if greedy else float(params.top_p), max_tokens=int(params.max_new_tokens),
+                         logprobs=0, skip_special_tokens=True)
+        encoded: dict[str, list[int]] = {}
+        requests = []
         for prompt, occ in zip(prompts, _occurrences(prompts)):
-            inputs.append({"prompt_token_ids": encode_prompt(self.tokenizer, prompt)})
-            sps.append(self._vllm.SamplingParams(
-                n=1 if greedy else int(params.n), temperature=float(params.temperature), top_p=1.0 if greedy else float(params.top_p),
-                max_tokens=int(params.max_new_tokens), seed=sequence_seed(params.seed, prompt, occ, 0),
-                logprobs=0, skip_special_tokens=True))
-        outputs = self.llm.generate(inputs, sampling_params=sps, use_tqdm=progress is True)
+            if prompt not in encoded:
+                encoded[prompt] = encode_prompt(self.tokenizer, prompt)
+            requests.append((encoded[prompt], sequence_seed(params.seed, prompt, occ, 0)))
+        if self.pool is None:
+            raw = _vllm_requests(self.llm, self._vllm, requests, sp_kwargs, use_tqdm=progress is True)
+        else:
+            splits = dp_split(len(requests), self.data_parallel_size)
+            parts = self.pool.run([[requests[i] for i in idx] for idx in splits], sp_kwargs)
+            raw = dp_reassemble(parts, splits, len(requests))
         bar = _Progress(progress if progress is not True else False, total=len(prompts) * int(params.n))
         result: list[list[Completion]] = []
-        for i, out in enumerate(outputs):
+        for i, samples in enumerate(raw):
+            if len(samples) != sp_kwargs["n"]:
+                raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {i}, expected {sp_kwargs['n']}")
             comps = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                ids = [int(t) for t in c.token_ids]
-                if c.logprobs is None or len(c.logprobs) != len(ids):
-                    raise RuntimeError(f"vLLM returned no per-token logprobs for prompt {i}")
-                lps = [float(c.logprobs[k][t].logprob) for k, t in enumerate(ids)]
-                if c.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"vLLM request {i} finished with {c.finish_reason!r}")
-                comps.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, lps,
-                                        c.finish_reason))
+            for ids, lps, finish in samples:
+                if finish not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM request {i} finished with {finish!r}")
+                comps.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, lps, finish))
             if greedy:  # one greedy decode, copied n times (as the hf backend does)
                 comps = [Completion(comps[0].text, list(comps[0].token_ids), list(comps[0].logprobs),
                                     comps[0].finish_reason) for _ in range(int(params.n))]

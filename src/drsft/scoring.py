@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from drsft.prompts import encode_prompt
 
@@ -20,22 +21,26 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     ``logits``: ``[..., V]`` (any float dtype; upcast to fp32), ``labels``: ``[...]`` integer ids.
     Returns fp32 ``[...]``. Labels < 0 (e.g. the ``-100`` ignore index) give 0.0. Differentiable.
-    Computed as ``logit[label] - logsumexp(logits)``; inputs with 3+ dims go one leading row
+    Computed with the fused ``cross_entropy`` kernel (one pass, no materialised log-softmax): on fp32
+    logits over the whole batch at once; on lower-precision logits (bf16 on GPU) one leading row
     (sequence) at a time, so the transient fp32 copy of the logits is one sequence, not the whole
     batch (matters for bf16 logits of a 150k vocabulary).
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"gather_logprobs: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    labels = labels.long()
+    vocab = logits.shape[-1]
+
+    def one(lg: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+        nll = F.cross_entropy(lg.float().reshape(-1, vocab), lb.reshape(-1), ignore_index=-100, reduction="none")
+        return -nll.view(lb.shape)
+
     valid = labels >= 0
-    safe = labels.clamp(min=0).long()
-    if logits.dim() <= 2:
-        lf = logits.float()
-        out = lf.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lf, dim=-1)
+    safe = labels.masked_fill(~valid, -100)     # any negative label is ignored (0.0), not only -100
+    if logits.dtype == torch.float32 or logits.dim() <= 2:
+        out = one(logits, safe)
     else:
-        rows = []
-        for row_logits, row_labels in zip(logits, safe):
-            lf = row_logits.float()
-            rows.append(lf.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lf, dim=-1))
+        rows = [one(lg, lb) for lg, lb in zip(logits, safe)]
         out = torch.stack(rows) if rows else logits.new_zeros(labels.shape, dtype=torch.float32)
     return out.masked_fill(~valid, 0.0)
 

@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from drsft.fingerprint import file_sha256, fingerprint, model_fingerprint
-from drsft.io import DataError, atomic_path, iter_jsonl, require, write_json
+from drsft.io import DataError, atomic_path, check_duplicate_row, iter_jsonl, require, write_json
 from drsft.params import ParamsError
 
 log = logging.getLogger("drsft.train")
@@ -86,71 +86,20 @@ _SUM_FIELDS = ("tokens", "weight_sum", "ratio_tokens", "clipped_tokens", "wnll_s
 # Parameters
 
 
-DEFAULTS: dict[str, Any] = {
-    "data": "rewritten",
-    "loss": "sft",
-    "is_clip": [0.0, 5.0],
-    "is_level": "token",
-    "zero_stage": 2,
-    "lr": 1.0e-4,
-    "epochs": 1,
-    "micro_batch_size": 8,
-    "global_batch_size": 32,
-    "max_length": 512,
-    "warmup_ratio": 0.1,
-    "weight_decay": 0.0,
-    "grad_clip": 1.0,
-    "save_every": 50,
-    "seed": 0,
-    "gradient_checkpointing": False,
-}
-
-
 def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``train`` params section with defaults filled in; :class:`ParamsError` names a bad key."""
-    from drsft.losses import IS_LEVELS, LOSS_KINDS, parse_clip
+    """The ``train`` params section, checked against the typed schema (:mod:`drsft.schema`, the
+    one definition of what is legal; params.yaml holds the defaults), with numbers as floats.
+    ``launcher`` (the command dvc.yaml runs this stage with) is optional here and not returned:
+    it is not a trainer setting and must not enter the checkpoint fingerprint.
+    :class:`ParamsError` lists every bad key with its path."""
+    from drsft.schema import check_section
 
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ParamsError(f"params.yaml: unknown key(s) train.{', train.'.join(unknown)}")
-    c = {**DEFAULTS, **cfg}
-
-    def bad(key, why):
-        return ParamsError(f"params.yaml: train.{key} = {c[key]!r}: {why}")
-
-    if c["data"] not in DATA_KINDS:
-        raise bad("data", f"expected one of {', '.join(DATA_KINDS)}")
-    if c["loss"] not in LOSS_KINDS:
-        raise bad("loss", f"expected one of {', '.join(LOSS_KINDS)}")
-    if c["is_level"] not in IS_LEVELS:
-        raise bad("is_level", f"expected one of {', '.join(IS_LEVELS)}")
-    try:
-        parse_clip(c["is_clip"])
-    except ValueError as exc:
-        raise bad("is_clip", str(exc)) from None
-    ints = ("zero_stage", "epochs", "micro_batch_size", "global_batch_size", "max_length", "save_every", "seed")
-    for key in ints:
-        if isinstance(c[key], bool) or not isinstance(c[key], int):
-            raise bad(key, "must be an integer")
-    if c["zero_stage"] not in (0, 1, 2, 3):
-        raise bad("zero_stage", "must be 0, 1, 2 or 3")
-    for key in ("epochs", "micro_batch_size", "global_batch_size", "save_every"):
-        if c[key] < 1:
-            raise bad(key, "must be >= 1")
-    if c["max_length"] < 2:
-        raise bad("max_length", "must be >= 2")
+    c = {k: v for k, v in cfg.items() if k != "launcher"}
+    problems = [(path, msg) for path, msg in check_section("train", {**c, "launcher": "python"})]
+    if problems:
+        raise ParamsError("\n".join(f"params.yaml: {path}: {msg}" for path, msg in problems))
     for key in ("lr", "warmup_ratio", "weight_decay", "grad_clip"):
-        if c[key] is None and key == "grad_clip":
-            c[key] = 0.0
-        if isinstance(c[key], bool) or not isinstance(c[key], (int, float)) or not math.isfinite(c[key]) or c[key] < 0:
-            raise bad(key, "must be a finite number >= 0")
         c[key] = float(c[key])
-    if c["lr"] <= 0:
-        raise bad("lr", "must be > 0")
-    if c["warmup_ratio"] > 1:
-        raise bad("warmup_ratio", "must be in [0, 1]")
-    if not isinstance(c["gradient_checkpointing"], bool):
-        raise bad("gradient_checkpointing", "must be true or false")
     return c
 
 
@@ -232,6 +181,7 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_siz
     stats = DataStats()
     examples: list[Example] = []
     cache: dict[str, list[int]] = {}
+    seen: dict = {}
     for line, rec in iter_jsonl(path):
         stats.rows += 1
         pid = require(rec, "problem_id", path, line)
@@ -255,6 +205,7 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_siz
                                     "behaviour_logprobs")
             beh = [min(float(v), 0.0) for v in beh]
             stats.known_behaviour += 1
+        check_duplicate_row(seen, pid, tier, resp, path, line)
         if prompt not in cache:
             cache[prompt] = encode_prompt(tokenizer, prompt)
         pids = cache[prompt]
@@ -339,6 +290,15 @@ def run_fingerprint(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_
 
 def _tags(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir())
+
+
+def _latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag named by ``latest`` (written atomically after a complete save), if it exists."""
+    try:
+        tag = (ckpt_dir / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return tag if tag and (ckpt_dir / tag).is_dir() else None
 
 
 def _clear_checkpoints(ckpt_dir: Path) -> None:
@@ -559,6 +519,12 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
                             "changed): discarding them", ckpt_dir)
             _clear_checkpoints(ckpt_dir)
             write_json(fp_file, fp)
+        # A kill while saving leaves a tag folder that `latest` does not name: half-written, drop it.
+        keep = _latest_tag(ckpt_dir)
+        for partial in _tags(ckpt_dir):
+            if partial.name != keep:
+                log.warning("%s: removing %s, a checkpoint interrupted while being saved", ckpt_dir, partial.name)
+                shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
 
     # Model, optimizer, schedule, engine.
@@ -591,8 +557,9 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
     # Resume.
     state: dict[str, Any] = {"step": 0, "history": [], "nll_history": [], "train_time_s": 0.0, "input_tokens": 0,
                              "totals": {}, "resumed_from": []}
-    if (ckpt_dir / "latest").exists():
-        load_path, client = engine.load_checkpoint(str(ckpt_dir))
+    tag = _latest_tag(ckpt_dir)
+    if tag is not None:
+        load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if load_path is None or not client or client.get("fingerprint") != fp["hash"]:
             raise RuntimeError(f"{ckpt_dir}: could not resume from the latest checkpoint ({load_path}); "
                                f"delete the folder to start over")
@@ -615,9 +582,14 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
 
     def save(step: int) -> None:
         tag = f"{TAG_PREFIX}{step:06d}"
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "fingerprint": fp["hash"]})
+        # DeepSpeed's own `latest` is rewritten in place (a kill mid-write leaves it empty): we
+        # write it ourselves, atomically, once every rank has finished writing the tag.
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "fingerprint": fp["hash"]},
+                               save_latest=False)
         dist.barrier()
         if rank == 0:
+            with atomic_path(ckpt_dir / "latest") as fh:
+                fh.write(tag)
             for old in _tags(ckpt_dir):
                 if old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
@@ -747,6 +719,6 @@ def data_file(data_dir: str | os.PathLike, kind: str) -> Path:
     return Path(data_dir) / f"{kind}.jsonl"
 
 
-__all__ = ["DEFAULTS", "TIERS", "Example", "DataStats", "validate_config", "accumulation_steps", "deepspeed_config",
+__all__ = ["TIERS", "Example", "DataStats", "validate_config", "accumulation_steps", "deepspeed_config",
            "lr_factor", "warmup_steps_for", "load_examples", "batch_plan", "micro_slots", "collate",
            "run_fingerprint", "setup_environment", "weight_summary", "train", "data_file"]

@@ -31,7 +31,7 @@ math-verify 0.9.0, latex2sympy2_extended 1.11.0, sympy 1.14.0, antlr4-python3-ru
 * ``math_verify/grader.py`` has no string parsing: it compares parsed trees (``str()``, ``simplify``,
   ``evalf``, ``doit``) -- costly on huge expressions, which is what the time bound is for.
 
-``tests/test_verify.py`` feeds ``__import__('os').system(...)``, ``eval``, ``exec``, ``lambda`` and
+``tests/reliability/test_untrusted.py`` feeds ``__import__('os').system(...)``, ``eval``, ``exec``, ``lambda`` and
 dunder-attribute strings through the whole path and checks that no side effect happened.
 
 Time bounds
