@@ -243,10 +243,9 @@ def test_configs_are_complete_params_files():
     for path in CONFIGS:
         have = _key_paths(yaml.safe_load(path.read_text()))
         assert have == ref, f"{path.name}: missing {sorted(ref - have)}, extra {sorted(have - ref)}"
-    if importlib.util.find_spec("drsft.schema") is not None:
-        res = subprocess.run([sys.executable, "-m", "drsft.params", "check", *map(str, CONFIGS)],
-                             capture_output=True, text=True, cwd=ROOT, check=False)
-        assert res.returncode == 0, res.stderr + res.stdout
+    res = subprocess.run([sys.executable, "-m", "drsft.params", "check", *map(str, CONFIGS)],
+                         capture_output=True, text=True, cwd=ROOT, check=False)
+    assert res.returncode == 0, res.stderr + res.stdout
 
 
 @pytest.mark.parametrize("name,model", [("qwen2.5-math-7b.yaml", "Qwen/Qwen2.5-Math-7B"),
