@@ -11,6 +11,10 @@ What is compared
   response_ids`` (the same truncation to ``max_length`` as ours), labels -100 on the prompt and
   the padding, the model's own causal-LM loss; AdamW, linear warm-up + cosine, the same lr /
   micro batch / accumulation / grad clip / steps; no eval, no saving, ``report_to=[]``.
+* Baseline with DeepSpeed (ZeRO stage >= 1): the same ``Trainer`` through its own DeepSpeed
+  integration, ``TrainingArguments(deepspeed=<our deepspeed_config>)``: the same engine and ZeRO
+  config as ours, so its ratio is our trainer's own cost; the ratio vs the plain ``Trainer`` also
+  holds DeepSpeed's (ZeRO-2 reduces gradients into partitions every micro-batch).
 * Same micro-batches: the baseline's rows are laid out in our trainer's batch plan
   (``drsft.train.batch_plan``) and read sequentially, and both pad to the longest row of each
   micro-batch, so both process exactly the same tensors (checked: equal token counts).
@@ -162,12 +166,15 @@ def baseline_rows(data: Path, tok, max_length: int) -> list[tuple[list[int], int
 
 
 def run_baseline(model_dir: Path, rows, plan, cfg: dict, steps: int, warmup: int, gas: int, pad_id: int,
-                 work: Path, threads: int) -> dict:
+                 work: Path, threads: int, ds_cfg: dict | None = None) -> dict:
+    """The transformers Trainer; with ``ds_cfg``, through its own DeepSpeed integration with our
+    ZeRO config (``TrainingArguments(deepspeed=...)``), the same engine our trainer uses."""
     import torch
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     torch.set_num_threads(threads)
+    accelerate_env0 = {k for k in os.environ if k.startswith("ACCELERATE_")}
     ordered = [rows[i] for gidx in plan[:steps] for i in gidx]
     counts = {"input": 0, "response": 0}
 
@@ -208,7 +215,7 @@ def run_baseline(model_dir: Path, rows, plan, cfg: dict, steps: int, warmup: int
         warmup_steps=warmup, weight_decay=cfg["weight_decay"], max_grad_norm=cfg["grad_clip"], optim="adamw_torch",
         use_cpu=True, bf16=False, fp16=False, eval_strategy="no", save_strategy="no", logging_strategy="no",
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-        remove_unused_columns=False, seed=cfg["seed"], data_seed=cfg["seed"])
+        remove_unused_columns=False, seed=cfg["seed"], data_seed=cfg["seed"], deepspeed=ds_cfg)
     clock = Clock()
     trainer = InOrder(model=model, args=args, train_dataset=ordered, data_collator=collate, callbacks=[clock])
     with contextlib.redirect_stdout(io.StringIO()):     # the Trainer prints its summary dict
@@ -219,6 +226,16 @@ def run_baseline(model_dir: Path, rows, plan, cfg: dict, steps: int, warmup: int
            "distributed_type": str(trainer.accelerator.distributed_type), "model_class": type(trainer.model_wrapped).__name__,
            "train_runtime_s": out.metrics.get("train_runtime")}
     del trainer, model
+    if ds_cfg is not None:
+        # accelerate's AcceleratorState and transformers' global DeepSpeed config outlive the
+        # Trainer: reset them, or the next plain Trainer would run through DeepSpeed too.
+        from accelerate.state import AcceleratorState
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        AcceleratorState._reset_state(True)
+        unset_hf_deepspeed_config()
+        for k in [k for k in os.environ if k.startswith("ACCELERATE_") and k not in accelerate_env0]:
+            os.environ.pop(k)   # TrainingArguments(deepspeed=...) sets ACCELERATE_USE_DEEPSPEED
     return res
 
 
@@ -309,7 +326,10 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
         steps = len(plan)
         warmup = warmup_steps_for(steps, cfg["warmup_ratio"])
 
-        order = ["baseline", "sft", "is_dft"]
+        from drsft.train import deepspeed_config, setup_environment
+
+        ds_cfg = deepspeed_config(cfg, 1, on_gpu=False) if cfg["zero_stage"] > 0 else None
+        order = ["baseline", *(["baseline_ds"] if ds_cfg else []), "sft", "is_dft"]
         runs: dict[str, list[dict]] = {k: [] for k in order}
         for rep in range(reps + 1):
             for kind in order if rep % 2 == 0 else order[::-1]:
@@ -317,6 +337,10 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
                 if kind == "baseline":
                     r = run_baseline(model_dir, base_rows, plan, cfg, steps, warmup, gas, tok.pad_token_id, work,
                                      threads)
+                elif kind == "baseline_ds":
+                    setup_environment()   # one gloo process, as for ours
+                    r = run_baseline(model_dir, base_rows, plan, cfg, steps, warmup, gas, tok.pad_token_id, work,
+                                     threads, ds_cfg=ds_cfg)
                 else:
                     r = run_ours(cfg, kind, data, model_dir, work, threads)
                 restore_env(env0)
@@ -332,11 +356,12 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
     toks = {k: {(r["input_tokens"], r["response_tokens"]) for r in v} for k, v in runs.items()}
     same_tokens = len(set().union(*toks.values())) == 1
     base = _median_rate(timed["baseline"], "input_tokens")
+    base_ds = _median_rate(timed["baseline_ds"], "input_tokens") if "baseline_ds" in timed else None
     table = {}
     for k in order:
         tps = _median_rate(timed[k], "input_tokens")
         table[k] = {"tokens_per_s": tps, "response_tokens_per_s": _median_rate(timed[k], "response_tokens"),
-                    "ratio": tps / base,
+                    "ratio": tps / base, "ratio_vs_trainer_deepspeed": tps / base_ds if base_ds else None,
                     "train_time_s": [round(r["train_time_s"], 3) for r in timed[k]],
                     "input_tokens": timed[k][0]["input_tokens"], "response_tokens": timed[k][0]["response_tokens"]}
     load_end = os.getloadavg()
@@ -346,6 +371,7 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
         "zero_stage": cfg["zero_stage"], "threads": threads, "reps": reps, "token_count": "input tokens "
         "(prompt + response, no padding)", "same_tokens": same_tokens,
         "baseline_distributed_type": sorted({r["distributed_type"] for r in runs["baseline"]}),
+        "baseline_ds_model_class": sorted({r["model_class"] for r in runs.get("baseline_ds", [])}),
         "baseline_model_class": sorted({r["model_class"] for r in runs["baseline"]}),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg_start": load_start, "loadavg_end": load_end, "results": table,
@@ -362,13 +388,18 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
           f"time = training loop only (no model load / DeepSpeed init / saving); median of {reps} interleaved "
           f"reps after a warm-up")
     print()
-    print("| trainer | tokens/s | response tokens/s | ratio vs HF Trainer | loop times (s) |")
-    print("|---|---:|---:|---:|---|")
-    names = {"baseline": "transformers Trainer (sft)", "sft": "drsft DeepSpeed, sft", "is_dft": "drsft DeepSpeed, is_dft"}
+    print("| trainer | tokens/s | response tokens/s | ratio vs HF Trainer | ratio vs HF Trainer + DeepSpeed "
+          "(same ZeRO) | loop times (s) |")
+    print("|---|---:|---:|---:|---:|---|")
+    names = {"baseline": "transformers Trainer (sft)",
+             "baseline_ds": f"transformers Trainer + DeepSpeed ZeRO-{cfg['zero_stage']} (sft; "
+                            f"{'/'.join(result['baseline_ds_model_class'])})",
+             "sft": "drsft DeepSpeed, sft", "is_dft": "drsft DeepSpeed, is_dft"}
     for k in order:
         v = table[k]
+        vs_ds = "—" if v["ratio_vs_trainer_deepspeed"] is None else f"{v['ratio_vs_trainer_deepspeed']:.3f}"
         print(f"| {names[k]} | {v['tokens_per_s']:,.0f} | {v['response_tokens_per_s']:,.0f} | {v['ratio']:.3f} | "
-              f"{', '.join(f'{t:.2f}' for t in v['train_time_s'])} |")
+              f"{vs_ds} | {', '.join(f'{t:.2f}' for t in v['train_time_s'])} |")
     print()
     print(f"load average (1/5/15 min): start {' '.join(f'{x:.2f}' for x in load_start)}, "
           f"end {' '.join(f'{x:.2f}' for x in load_end)}; {os.cpu_count()} CPUs; wall {result['wall_s']:.0f}s")
