@@ -17,6 +17,8 @@
     python scripts/ablation.py --with-is           # plus rewritten+is and rewritten+is_dft
     python scripts/ablation.py --table-only        # only print the table of existing experiments
     python scripts/ablation.py --plots ablation_plots
+    python scripts/ablation.py --set train.lr=1e-4 --tag lr1e-4   # the arms at another setting:
+                                                   # -S for every arm, names sft-lr1e-4, ...
 """
 
 from __future__ import annotations
@@ -108,14 +110,28 @@ def _ran_per_arm(name: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", (proc.stdout or "") + (proc.stderr or ""))
 
 
-def run_arms(arms: list[tuple[str, str, str]], jobs: int) -> None:
+def untracked_outputs() -> list[str]:
+    """Untracked files under the git-tracked (``cache: false``) outputs: metrics/ and dvclive/."""
+    out = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", "metrics", "dvclive"],
+                         capture_output=True, text=True).stdout
+    return out.split()
+
+
+def run_arms(arms: list[tuple[str, str, str]], jobs: int, overrides: tuple[str, ...] = ()) -> None:
     _dvc("repro")  # the shared upstream stages, once (a no-op when up to date)
+    missing = untracked_outputs()
+    if missing:
+        raise click.ClickException(
+            f"{len(missing)} untracked file(s) among the git-tracked outputs, e.g. {missing[0]}: a queued "
+            "experiment starts from a git snapshot, so its stages would rerun in every arm and its metrics would "
+            "be missing from the table: commit them first (`git add metrics dvclive && git commit`)")
     existing = set(_dvc("exp", "list", "--all-commits", "--name-only").split())
     for name, data, loss in arms:
         if name in existing:
             _dvc("exp", "remove", name)
-        _dvc("exp", "run", "--queue", "-n", name, "-S", f"train.data={data}", "-S", f"train.loss={loss}")
-        click.echo(f"queued {name}: train.data={data} train.loss={loss}", err=True)
+        extra = [a for o in overrides for a in ("-S", o)]
+        _dvc("exp", "run", "--queue", "-n", name, "-S", f"train.data={data}", "-S", f"train.loss={loss}", *extra)
+        click.echo(f"queued {name}: train.data={data} train.loss={loss} {' '.join(overrides)}".rstrip(), err=True)
     proc = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], capture_output=True, text=True)
     for name, _, _ in arms:
         ran = _ran_per_arm(name)
@@ -134,10 +150,15 @@ def run_arms(arms: list[tuple[str, str, str]], jobs: int) -> None:
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="queued arms run at once (dvc exp run --run-all --jobs)")
 @click.option("--plots", "plots_dir", default=None, help="also render `dvc plots diff <arms>` into this folder")
-def main(with_is: bool, table_only: bool, jobs: int, plots_dir: str | None):
-    arms = ARMS + (IS_ARMS if with_is else [])
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="a params override applied to every arm (dvc exp run -S), e.g. train.lr=1e-4; repeatable")
+@click.option("--tag", default="", help="suffix of the arm names (sft-<tag>, ...), to keep several settings apart")
+def main(with_is: bool, table_only: bool, jobs: int, plots_dir: str | None, overrides: tuple[str, ...], tag: str):
+    if overrides and not tag:
+        raise click.UsageError("--set needs a --tag, so that these arms do not replace the default ones")
+    arms = [(f"{name}-{tag}" if tag else name, data, loss) for name, data, loss in ARMS + (IS_ARMS if with_is else [])]
     if not table_only:
-        run_arms(arms, jobs)
+        run_arms(arms, jobs, overrides)
     click.echo(table([a[0] for a in arms]))
     if plots_dir:
         _dvc("plots", "diff", *[a[0] for a in arms], "--out", plots_dir)

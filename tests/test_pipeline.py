@@ -1,10 +1,13 @@
 """Integration: the whole DAG with `dvc repro`, on a scaled-down world, in a copy of the repo.
 
 Checks that every stage writes its outputs and metrics, that a second `dvc repro` runs nothing,
-and that changing a train parameter reruns exactly `train` and `evaluate`.
+and that changing a train parameter reruns exactly `train` and `evaluate`; `make ablation`'s script
+queues the four arms and prints the table.
 """
 
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,3 +85,25 @@ def test_exp_run_with_a_loss_reruns_only_train_and_evaluate(repo, first_repro):
     assert _ran_stages(out) == {"train", "evaluate"}
     metrics = json.loads((dst / "metrics/train.json").read_text())
     assert metrics["loss"] == "dft"
+
+
+def test_ablation_queues_the_arms_runs_only_train_and_evaluate_and_prints_the_table(repo, first_repro):
+    """`make ablation`'s script: four queued `dvc exp run` arms, the workspace left as it was."""
+    dst, env = repo
+    # as a user's checkout: metrics/ and dvclive/ (cache: false outputs) are in git, which is all
+    # that a queued experiment's snapshot holds
+    _run(["git", "add", "-A"], dst, env)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "outputs"], dst, env)
+    params_before = (dst / "params.yaml").read_text()
+    proc = subprocess.run([sys.executable, "scripts/ablation.py", "--plots", "abl_plots"], cwd=dst, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    arms = ("sft", "dft", "dr-sft", "dr-dft")
+    ran = dict(re.findall(r"^(\S+): ran (.*)$", proc.stderr, re.M))
+    assert set(ran) == set(arms), proc.stderr[-3000:]
+    for name, stages in ran.items():   # upstream stages always come from the cache
+        assert stages == "nothing (all cached)" or set(stages.split(", ")) <= {"train", "evaluate"}, (name, stages)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows[1:]] == ["base model", *arms], proc.stdout
+    assert (dst / "abl_plots" / "index.html").exists()
+    assert (dst / "params.yaml").read_text() == params_before   # queued runs do not touch the workspace
