@@ -504,7 +504,7 @@ def _yaml_number_hint(value: Any) -> str:
             float(value)
         except ValueError:
             return ""
-        return " (quoted, or YAML read it as a string: write 1.0e-3, not 1e-3)"
+        return " (a quoted number is a string: write it without quotes)"
     return ""
 
 

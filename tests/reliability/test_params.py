@@ -96,7 +96,7 @@ BAD = [
     ("bool_for_int", lambda d: d["evaluate"].update(k=True), "evaluate.k", "must be an integer (got true)"),
     ("float_for_int", lambda d: d["sample"].update(shard_size=50.0), "sample.shard_size", "must be an integer"),
     ("string_for_bool", lambda d: d["evaluate"].update(greedy="yes"), "evaluate.greedy", "must be true or false"),
-    ("yaml_string_number", lambda d: d["train"].update(lr="3e-4"), "train.lr", "must be a number (got '3e-4')"),
+    ("yaml_string_number", lambda d: d["train"].update(lr="0.001"), "train.lr", "must be a number (got '0.001')"),
     ("nan", lambda d: d["train"].update(lr=float("nan")), "train.lr", "must be a finite number"),
     ("temperature_negative", lambda d: d["sample"].update(temperature=-1), "sample.temperature",
      "must be >= 0 (got -1)"),
@@ -237,3 +237,19 @@ def test_stage_stops_before_any_work_with_one_line_per_problem(tmp_path):
                      f"{params}: verify.workers: must be an integer (got 'two')",
                      f"{params}: train.zero_stage: must be <= 3 (got 5)"], proc.stderr
     assert not out.parent.exists() and not metrics.parent.exists()   # nothing read, nothing written
+
+
+def test_exponent_floats_read_as_yaml_1_2_like_dvc(tmp_path):
+    """`dvc exp run -S train.lr=3e-5` writes `lr: 3e-05`: a float for DVC (YAML 1.2), a string for
+    plain PyYAML (1.1). The stages read it as DVC does."""
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^(  lr:) [^#\n]*", r"\1 3e-05  ", text, count=1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert yaml.safe_load(text)["train"]["lr"] == "3e-05"          # what PyYAML alone would give
+    assert load_params(path)["train"]["lr"] == 3e-05
+    for raw, value in [("1e-4", 1e-4), ("-2.5E+3", -2500.0), ("-.5", -0.5), ("5", 5), ("1.2.3", "1.2.3"),
+                       ("e5", "e5"), ("'1e-4'", "1e-4")]:
+        one = tmp_path / "one.yaml"
+        one.write_text(f"a: {raw}\n", encoding="utf-8")
+        assert read_params(one)["a"] == value, raw
