@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import shutil
 import sys
@@ -190,13 +189,6 @@ def test_run_sharded_resume_stale_and_corrupt(tmp_path):
     assert read_json(tmp_path / "manifest.json")["inputs"] == {"a": 2}
 
 
-def _load_stage():
-    spec = importlib.util.spec_from_file_location("stage_sample", ROOT / "stages" / "sample.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _stage_workspace(root: Path, tiny_model_dir) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["sample"].update(n=2, max_new_tokens=12, shard_size=2, seed=1, temperature=1.0, top_p=1.0)
@@ -217,8 +209,8 @@ def _run_stage(main, root: Path, monkeypatch):
     return json.loads((root / "metrics" / "sample.json").read_text())
 
 
-def test_sample_stage_resumes_only_missing_shard(tmp_path, tiny_model_dir, monkeypatch):
-    main = _load_stage().main
+def test_sample_stage_resumes_only_missing_shard(tmp_path, tiny_model_dir, monkeypatch, load_stage):
+    main = load_stage("sample").main
     a = _stage_workspace(tmp_path / "a", tiny_model_dir)
     m = _run_stage(main, a, monkeypatch)
     assert (m["problems"], m["samples"], m["shards"], m["resumed_shards"], m["generated_shards"]) == (5, 10, 3, 0, 3)
@@ -248,8 +240,8 @@ def test_sample_stage_resumes_only_missing_shard(tmp_path, tiny_model_dir, monke
     assert (m3["resumed_shards"], m3["generated_shards"]) == (0, 3)
 
 
-def test_sample_stage_bad_problem_names_file_and_line(tmp_path, tiny_model_dir, monkeypatch):
-    main = _load_stage().main
+def test_sample_stage_bad_problem_names_file_and_line(tmp_path, tiny_model_dir, monkeypatch, load_stage):
+    main = load_stage("sample").main
     root = _stage_workspace(tmp_path, tiny_model_dir)
     path = root / "data" / "prepare" / "train.jsonl"
     path.write_text(path.read_text() + json.dumps({"id": "x-1", "problem": ""}) + "\n")
@@ -257,7 +249,6 @@ def test_sample_stage_bad_problem_names_file_and_line(tmp_path, tiny_model_dir, 
     res = CliRunner().invoke(main, ["--no-progress"])
     assert res.exit_code != 0
     assert "train.jsonl:6" in res.output and "problem" in res.output
-
 
 
 def test_vllm_backend_glue_with_a_fake_vllm(tiny_model_dir, prompts, monkeypatch):

@@ -8,7 +8,6 @@
 * ``make use`` (scripts/use_config.py) and ``scripts/gpu_smoke.sh`` (syntax only: unrun here).
 """
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -33,13 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "datasets" / "gsm8k_train.jsonl"
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 needs_gsm8k = pytest.mark.skipif(not GSM8K.exists(), reason="../shared/datasets/gsm8k_train.jsonl not present")
-
-
-def _stage_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,8 +60,8 @@ def test_subsample_of_the_first_rows_of_gsm8k():
 
 
 @needs_gsm8k
-def test_prepare_applies_limit_then_subsample(tmp_path):
-    prepare = _stage_module("prepare")
+def test_prepare_applies_limit_then_subsample(tmp_path, load_stage):
+    prepare = load_stage("prepare")
     prep = {"seed": 7, "files": {"train": {"path": str(GSM8K), "problem": "question", "solution": "answer",
                                            "answer": None, "limit": 300, "source": None, "subsample": 40},
                                  "benchmarks": []}}

@@ -6,7 +6,6 @@ checked readers in drsft.io and drsft.train.load_examples) -- is fed the same fa
 bytes, a truncated last line, a duplicate key, a missing field, plus reader-specific ones.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -36,13 +35,6 @@ def _params(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
-
-
-def _stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"_stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ------------------------------------------------------------------------------- load_problems
@@ -287,7 +279,7 @@ def test_verify_stage_rejects_unknown_problem_without_traceback(tmp_path):
     ("self_align", ("sample/shard-00000.jsonl", json.dumps({**_sample("p0", 0), "logprobs": [0.5, -1]}).encode()),
      "shard-00000.jsonl:1: field 'logprobs' item 0 = 0.5"),
 ])
-def test_stage_fails_cleanly_and_keeps_earlier_outputs(tmp_path, stage, bad, message):
+def test_stage_fails_cleanly_and_keeps_earlier_outputs(tmp_path, load_stage, stage, bad, message):
     """A bad input ends the stage with one clear line; the outputs of an earlier good run stay as they were."""
     from click.testing import CliRunner
 
@@ -301,7 +293,7 @@ def test_stage_fails_cleanly_and_keeps_earlier_outputs(tmp_path, stage, bad, mes
             "self_align": ["--problems", f"{t}/prepare/train.jsonl", "--samples", f"{t}/sample",
                            "--verdicts", f"{t}/verify/verdicts.jsonl", "--out", f"{t}/out",
                            "--metrics", f"{t}/out/metrics.json"]}[stage]
-    main = _stage(stage).main
+    main = load_stage(stage).main
     runner = CliRunner()
     params = str(_params(tmp_path, verify={"workers": 1}))
     good = runner.invoke(main, ["--params", params, *args])

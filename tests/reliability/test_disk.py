@@ -10,7 +10,6 @@ under a regular file, or under ``/proc``; the full disk is ``/dev/full`` (real E
 """
 
 import errno
-import importlib.util
 import json
 import os
 import re
@@ -153,12 +152,6 @@ def test_other_errors_inside_the_block_pass_through(tmp_path):
 
 
 # ------------------------------------------------------------------------------- the stages
-def _stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"_stage_disk_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def _inputs(tmp_path: Path, model_dir: Path) -> dict[str, list[str]]:
     """Small inputs for each long stage and its command line; the model path does not exist unless the
@@ -201,7 +194,7 @@ def _forbid_work(monkeypatch):
 
 @pytest.mark.parametrize("fault", ["unwritable", "disk full"])
 @pytest.mark.parametrize("stage", ["prepare", "sample", "guided_align", "train", "evaluate"])
-def test_long_stages_fail_before_any_work(tmp_path, monkeypatch, tiny_model_dir, stage, fault):
+def test_long_stages_fail_before_any_work(tmp_path, monkeypatch, tiny_model_dir, load_stage, stage, fault):
     from click.testing import CliRunner
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -216,7 +209,7 @@ def test_long_stages_fail_before_any_work(tmp_path, monkeypatch, tiny_model_dir,
         monkeypatch.setattr(S, "free_bytes", lambda path: 1000)  # the file system has 1000 bytes free
     args = [a.replace("{out}", str(out)) for a in args]
     _forbid_work(monkeypatch)  # before the stage module binds these names
-    result = CliRunner().invoke(_stage(stage).main, ["--params", str(tmp_path / "params.yaml"), *args])
+    result = CliRunner().invoke(load_stage(stage).main, ["--params", str(tmp_path / "params.yaml"), *args])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
     line = result.output.strip().splitlines()[-1]
     if fault == "unwritable":

@@ -5,14 +5,12 @@ Empty response, no ``\boxed{}``, unbalanced braces, 100 kB of garbage, gigantic 
 bound, alone (verify_answer), in a worker pool (verify_batch) and through the verify stage.
 """
 
-import importlib.util
 import json
 import random
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from drsft import verify as V
 from drsft.verify import Verdict, extract_boxed, verify_answer, verify_batch
@@ -126,26 +124,11 @@ def test_bad_outputs_in_a_worker_pool_keep_order_and_bound():
         [(label, v) for (label, _), v in zip(BAD_OUTPUTS, out[1::2]) if v.correct]
 
 
-def test_verify_stage_gives_every_bad_output_a_verdict(tmp_path):
-    from click.testing import CliRunner
-
-    (tmp_path / "sample").mkdir()
-    (tmp_path / "train.jsonl").write_text(json.dumps({"id": "p", "problem": "2+3?", "solution": r"\boxed{5}",
-                                                      "answer": "5", "source": "t"}) + "\n", encoding="utf-8")
+def test_verify_stage_gives_every_bad_output_a_verdict(tmp_path, run_verify_stage):
+    problem = {"id": "p", "problem": "2+3?", "solution": r"\boxed{5}", "answer": "5", "source": "t"}
     rows = [{"problem_id": "p", "sample_index": i, "prompt": "P", "response": resp, "response_ids": [1],
              "logprobs": [-0.5], "finish_reason": "length"} for i, (_, resp) in enumerate(BAD_OUTPUTS)]
-    with open(tmp_path / "sample" / "shard-00000.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["verify"].update(timeout_s=1, workers=2)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("_stage_verify_output", ROOT / "stages" / "verify.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    result = CliRunner().invoke(mod.main, ["--params", str(tmp_path / "params.yaml"), "--problems",
-                                           str(tmp_path / "train.jsonl"), "--samples", str(tmp_path / "sample"),
-                                           "--out", str(tmp_path / "verdicts.jsonl"),
-                                           "--metrics", str(tmp_path / "metrics.json")])
+    result = run_verify_stage(tmp_path, [problem], rows)
     assert result.exit_code == 0, (result.output, result.exception)
     verdicts = [json.loads(line) for line in (tmp_path / "verdicts.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [v["sample_index"] for v in verdicts] == list(range(len(BAD_OUTPUTS)))

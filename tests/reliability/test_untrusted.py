@@ -11,7 +11,6 @@
 """
 
 import ast
-import importlib.util
 import json
 import os
 import re
@@ -93,10 +92,8 @@ def test_untrusted_text_is_never_executed(tmp_path, monkeypatch):
     assert all(isinstance(s, str) and numeral.fullmatch(s) for s in seen), [s for s in seen if not numeral.fullmatch(s)]
 
 
-def test_verify_stage_runs_no_payload(tmp_path, monkeypatch):
+def test_verify_stage_runs_no_payload(tmp_path, monkeypatch, run_verify_stage):
     """Payloads as sample responses and as the problems' reference answers, through the verify stage."""
-    from click.testing import CliRunner
-
     sentinel = tmp_path / "SENTINEL"
     monkeypatch.chdir(tmp_path)
     problems, samples = [], []
@@ -106,18 +103,7 @@ def test_verify_stage_runs_no_payload(tmp_path, monkeypatch):
         for i, resp in enumerate((rf"\boxed{{{text}}}", r"\boxed{5}", f"The answer: {text}")):
             samples.append({"problem_id": f"p{k}", "sample_index": i, "prompt": "P", "response": resp,
                             "response_ids": [1], "logprobs": [-1.0], "finish_reason": "stop"})
-    (tmp_path / "sample").mkdir()
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems), encoding="utf-8")
-    (tmp_path / "sample" / "shard-00000.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples),
-                                                           encoding="utf-8")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["verify"].update(timeout_s=1, workers=2)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("_stage_verify_untrusted", ROOT / "stages" / "verify.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    result = CliRunner().invoke(mod.main, ["--params", "params.yaml", "--problems", "train.jsonl", "--samples",
-                                           "sample", "--out", "verdicts.jsonl", "--metrics", "metrics.json"])
+    result = run_verify_stage(tmp_path, problems, samples)
     assert result.exit_code == 0, (result.output, result.exception)
     assert len((tmp_path / "verdicts.jsonl").read_text(encoding="utf-8").splitlines()) == len(samples)
     assert not sentinel.exists()

@@ -1,7 +1,6 @@
 """A verifier worker that dies or hangs is replaced; its in-flight item gets a ``timeout`` verdict; the
 batch -- and the verify stage -- completes with one verdict per sample."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -10,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from drsft import verify as V
 
@@ -59,26 +57,16 @@ def test_hung_or_dead_worker_is_replaced_and_batch_completes(sig):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
-def test_verify_stage_completes_when_a_worker_dies_or_hangs(tmp_path, monkeypatch, sig):
+def test_verify_stage_completes_when_a_worker_dies_or_hangs(tmp_path, monkeypatch, sig, run_verify_stage):
     """The verify stage, in-process: right after the first chunk is handed to a worker, that worker is
     killed (dies) or stopped (hangs). The stage exits 0 with a verdict for every sample; exactly one is
     ``timeout`` (the item the worker was on), the others are the verifier's own verdicts."""
-    from click.testing import CliRunner
-
     n = 120
-    (tmp_path / "sample").mkdir()
     problems = [{"id": f"p{k}", "problem": "?", "solution": "", "answer": rf"\frac{{{k}}}{{{7 + k % 5}}}",
                  "source": "t"} for k in range(n)]
     samples = [{"problem_id": f"p{k}", "sample_index": 0, "prompt": "P",
                 "response": rf"\boxed{{\frac{{{2 * k}}}{{{2 * (7 + k % 5)}}}}}", "response_ids": [1], "logprobs": [-1.0],
                 "finish_reason": "stop"} for k in range(n)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems), encoding="utf-8")
-    (tmp_path / "sample" / "shard-00000.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples),
-                                                           encoding="utf-8")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["verify"].update(timeout_s=1, workers=2)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-
     hit = []
     real_send = V._Worker.send
 
@@ -89,14 +77,8 @@ def test_verify_stage_completes_when_a_worker_dies_or_hangs(tmp_path, monkeypatc
             os.kill(self.proc.pid, sig)
 
     monkeypatch.setattr(V._Worker, "send", send_then_sabotage)
-    spec = importlib.util.spec_from_file_location("_stage_verify_faults", ROOT / "stages" / "verify.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     t0 = time.perf_counter()
-    result = CliRunner().invoke(mod.main, ["--params", str(tmp_path / "params.yaml"), "--problems",
-                                           str(tmp_path / "train.jsonl"), "--samples", str(tmp_path / "sample"),
-                                           "--out", str(tmp_path / "verdicts.jsonl"),
-                                           "--metrics", str(tmp_path / "metrics.json")])
+    result = run_verify_stage(tmp_path, problems, samples)
     assert result.exit_code == 0, (result.output, result.exception)
     assert hit
     assert time.perf_counter() - t0 < 60
