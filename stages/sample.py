@@ -41,8 +41,6 @@ def sampling_params(cfg: dict, roll: dict) -> SamplingParams:
                             max_new_tokens=int(cfg["max_new_tokens"]), seed=int(cfg["seed"]),
                             batch_size=int(roll["batch_size"]))
         sp.validate()
-    except KeyError as exc:
-        raise ParamsError(f"params.yaml: missing key {exc.args[0]!r} in section 'sample' or 'rollout'") from None
     except (TypeError, ValueError) as exc:
         raise ParamsError(f"params.yaml: sample/rollout: {exc}") from None
     return sp

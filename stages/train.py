@@ -38,9 +38,7 @@ def main(ctx, params_path, data_dir, data_path, model_dir, out, checkpoints, met
     if extra:
         raise click.UsageError(f"unexpected arguments: {' '.join(extra)}")
     params = load_params(params_path)
-    # train.launcher is the command dvc.yaml runs this script with, not a trainer setting (and not
-    # part of the checkpoint fingerprint).
-    cfg = {k: v for k, v in section(params, "train").items() if k != "launcher"}
+    cfg = section(params, "train")   # drsft.train leaves out `launcher` (dvc.yaml's, not the trainer's)
     trust = section(params, "model")["trust_remote_code"]
     preflight([out, checkpoints, metrics, live_dir], need_bytes=TRAIN_WEIGHT_FACTOR * weights_bytes(model_dir))
     path = Path(data_path) if data_path else data_file(data_dir, cfg["data"])

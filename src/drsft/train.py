@@ -95,7 +95,7 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from drsft.schema import check_section
 
     c = {k: v for k, v in cfg.items() if k != "launcher"}
-    problems = [(path, msg) for path, msg in check_section("train", {**c, "launcher": "python"})]
+    problems = check_section("train", {**c, "launcher": "python"})
     if problems:
         raise ParamsError("\n".join(f"params.yaml: {path}: {msg}" for path, msg in problems))
     for key in ("lr", "warmup_ratio", "weight_decay", "grad_clip"):
