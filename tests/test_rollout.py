@@ -1,3 +1,4 @@
+import contextlib
 import json
 import shutil
 import sys
@@ -309,3 +310,16 @@ def test_policy_identity_drops_only_engine_layout():
     from pathlib import Path
     keys = set(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["rollout"])
     assert set(LAYOUT_KEYS) <= keys and keys - set(LAYOUT_KEYS) == {"backend", "dtype"}
+
+
+def test_decode_attention_kernels_exclude_cudnn_on_cuda_only():
+    """cuDNN SDPA rebuilt its plan at every KV length: 60 % of a decode step on an H200. The hf
+    backend decodes with every SDPA backend but cuDNN on CUDA, and leaves the CPU as it is."""
+    assert isinstance(rollout._attention_kernels(torch.device("cpu")), contextlib.nullcontext)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with rollout._attention_kernels(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

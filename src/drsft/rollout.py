@@ -250,6 +250,19 @@ def _prealloc_cache(model, capacity: int):
     return cache
 
 
+def _attention_kernels(device):
+    """SDPA backends for decoding on CUDA: every one but cuDNN. Measured on an H200 (torch 2.11):
+    cuDNN attention, which SDPA picks for masked decode steps, spent 1.8 ms of CPU per call
+    (a new plan for each KV length), 60 % of a decode step's time at Qwen2.5-1.5B shape."""
+    import contextlib
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 @dataclass
 class _Row:
     prompt_index: int
@@ -274,6 +287,9 @@ class HFBackend:
       pre-drawn uniform per step. Finished sequences (EOS) are dropped from the batch and the KV
       cache (in bulk, once they are 1/8 of it), so long stragglers do not keep paying for finished
       rows. The KV cache is preallocated for plain full-attention models (no per-step concat).
+    - One device-to-host copy per step (ids, log-probs, EOS flags together); on CUDA, SDPA runs
+      without its cuDNN backend (:func:`_attention_kernels`: 4.6x faster decode steps measured
+      at Qwen2.5-1.5B shape on an H200).
     - Greedy (``temperature == 0``) decodes each prompt once and copies it ``n`` times.
 
     Determinism: each sequence has its own random stream, seeded by :func:`sequence_seed` from
@@ -347,7 +363,7 @@ class HFBackend:
         order = sorted(range(len(rows)), key=lambda r: (-len(rows[r].prompt_ids), r))
         bar = _Progress(progress, total=len(prompts) * int(params.n))
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _attention_kernels(self.device):
                 for start in range(0, len(order), int(params.batch_size)):
                     batch = [rows[r] for r in order[start:start + int(params.batch_size)]]
                     self._generate_batch(batch, params, greedy)
@@ -431,23 +447,25 @@ class HFBackend:
         uniforms = None
         if not greedy:
             uniforms = torch.stack([torch.rand(max_new, generator=torch.Generator().manual_seed(r.seed),
-                                               dtype=torch.float64) for r in batch])
+                                               dtype=torch.float64) for r in batch]).to(self.device)
         ids, attn, positions = ids.to(self.device), attn.to(self.device), positions.to(self.device)
+        alive_index = torch.arange(b, device=self.device)
         cache = _prealloc_cache(self.model, length + max_new)
         logits, cache = self._forward(ids, attn, positions, cache, last_only=True)
         next_pos = positions[:, -1] + 1
         alive = list(range(b))  # batch rows in the tensors, in tensor order
         dead = [False] * b       # finished rows still in the tensors (dropped in bulk, see below)
         for step in range(max_new):
-            u = None if uniforms is None else uniforms[alive, step]
+            u = None if uniforms is None else uniforms[alive_index, step]
             tokens, lps = self._pick(logits, u, params, greedy)
             is_eos = torch.isin(tokens, self._eos_tensor)
-            tok_l, lp_l, eos_l = tokens.tolist(), lps.tolist(), is_eos.tolist()
+            # One device-to-host copy (one sync) per step: ids are exact in float64 (< 2**53).
+            tok_l, lp_l, eos_l = torch.stack([tokens.double(), lps.double(), is_eos.double()]).tolist()
             for j, bi in enumerate(alive):
                 if dead[j]:
                     continue
                 row = batch[bi]
-                row.token_ids.append(tok_l[j])
+                row.token_ids.append(int(tok_l[j]))
                 row.logprobs.append(lp_l[j])
                 if eos_l[j]:
                     row.finish_reason = "stop"
@@ -462,6 +480,7 @@ class HFBackend:
                 index = torch.tensor(keep, device=self.device)
                 cache = self._select(cache, index)
                 attn, next_pos, tokens = attn[index], next_pos[index], tokens[index]
+                alive_index = alive_index[index]
                 alive = [alive[j] for j in keep]
                 dead = [False] * len(alive)
             attn = torch.cat([attn, attn.new_ones((len(alive), 1))], dim=1)

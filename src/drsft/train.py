@@ -34,9 +34,10 @@ cosine to 0) that the engine steps at each optimizer step. On a machine without 
 sets ``DS_ACCELERATOR=cpu`` and uses gloo. Without a launcher it runs as a single process
 (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT defaulted); with
 ``torchrun --nproc_per_node N stages/train.py`` or ``deepspeed stages/train.py`` it runs data
-parallel. Multi-node runs need the checkpoint folder on a shared file system. The GPU paths
-(bf16, NCCL, ZeRO-3 partitioned loading through ``HfDeepSpeedConfig``) are real code against the
-DeepSpeed/transformers API but were only exercised on CPU here.
+parallel. Multi-node runs need the checkpoint folder on a shared file system. On one GPU (an
+H200, 2026-11-26) bf16, NCCL, ZeRO-2 and ZeRO-3 with partitioned loading through
+``HfDeepSpeedConfig`` and the consolidated save ran, also under the ``deepspeed`` launcher (README,
+"Running at scale"); more than one GPU and more than one node have not run.
 
 Checkpoints. Every ``save_every`` optimizer steps and after the last step the engine saves a
 checkpoint (model, ZeRO optimizer partitions, LR schedule, client state: step, loss history,
