@@ -21,6 +21,8 @@
 #   DRSFT_SMOKE_GPUS   GPUs to use (default: all that nvidia-smi lists)
 #   DRSFT_SMOKE_CPU=1  dry run of this script on a machine without CUDA (hf backend, fp32, one
 #                      process, `python` as launcher): checks the script, not the GPU paths
+#   DRSFT_SMOKE_PARAMS_ONLY=1  stop after writing and checking the smoke's params.yaml (what the
+#                      test suite runs, so a params change that breaks this script fails CI)
 #   KEEP=1             keep the throw-away copy (its path is printed)
 # Prints the wall time of `dvc repro`, per-stage seconds, rollout tokens/s of each backend on the
 # same prompts, and the sampling and training tokens/s the stages measured.
@@ -99,6 +101,7 @@ p["train"].update(zero_stage=3, epochs=1, micro_batch_size=2, global_batch_size=
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PYEOF
 "$PY" -m drsft.params check params.yaml
+if [ "${DRSFT_SMOKE_PARAMS_ONLY:-0}" = 1 ]; then echo "smoke params: OK"; exit 0; fi
 
 export PATH="$(dirname "$PY"):$PATH"   # dvc, deepspeed and `python` of the venv
 T0=$(date +%s)

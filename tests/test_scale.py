@@ -348,3 +348,16 @@ def test_gpu_smoke_script_parses():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "set -euo pipefail" in text and "UNRUN" in text
+
+
+@pytest.mark.parametrize("model", ["toy", "files"])
+def test_gpu_smoke_params_pass_the_schema(model, tmp_path):
+    """The smoke script rewrites params.yaml for its tiny run: that file must pass the schema, for
+    the toy model and for a small real one (GSM8K + MATH500 from ../shared), so a params change
+    cannot break the script unnoticed until the next GPU session."""
+    env = {**os.environ, "DRSFT_SMOKE_CPU": "1", "DRSFT_SMOKE_PARAMS_ONLY": "1", "PY": sys.executable,
+           "TMPDIR": str(tmp_path), "DRSFT_SMOKE_MODEL": "toy" if model == "toy" else str(tmp_path / "model")}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_smoke.sh")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "smoke params: OK" in out.stdout
+    assert not list(tmp_path.glob("drsft-gpu-smoke.*")), "the throw-away copy was not removed"
