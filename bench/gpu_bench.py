@@ -55,6 +55,16 @@ SHAPES = {
 PROMPT_CFG = {"system": "", "instruction": "Please reason step by step, and put your final answer within \\boxed{}."}
 
 
+def _problem(rng: random.Random) -> str:
+    return f"Compute ${rng.randint(1, 999)} + {rng.randint(1, 999)}$."
+
+
+def _peak_gib() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None
+
+
 def build(shape: str, folder: Path, seed: int = 0) -> tuple[Path, int]:
     """A random bf16 Qwen2 of ``shape`` and a small tokenizer in ``folder``; returns (folder, params)."""
     import torch
@@ -63,8 +73,7 @@ def build(shape: str, folder: Path, seed: int = 0) -> tuple[Path, int]:
     from drsft.tinylm import build_tokenizer
 
     rng = random.Random(seed)
-    texts = [f"Compute ${rng.randint(1, 999)} + {rng.randint(1, 999)}$. The answer is \\boxed{{7}}."
-             for _ in range(300)] + [PROMPT_CFG["instruction"]]
+    texts = [f"{_problem(rng)} The answer is \\boxed{{7}}." for _ in range(300)] + [PROMPT_CFG["instruction"]]
     tok = build_tokenizer(texts, vocab_size=512)
     cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, rope_theta=10000.0,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -100,8 +109,7 @@ def rollout(backend_name: str, model_dir: Path, n_prompts: int, n: int, max_new:
     be = make_backend(backend_name, str(model_dir), **opts)
     load_s = time.perf_counter() - t0
     rng = random.Random(1)
-    prompts = [render_prompt(be.tokenizer, f"Compute ${rng.randint(1, 999)} + {rng.randint(1, 999)}$.", PROMPT_CFG)
-               for _ in range(n_prompts)]
+    prompts = [render_prompt(be.tokenizer, _problem(rng), PROMPT_CFG) for _ in range(n_prompts)]
     sp = SamplingParams(n=n, temperature=1.0, max_new_tokens=max_new, seed=0, batch_size=batch_size)
     be.generate(prompts[:2], SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=0, batch_size=batch_size))
     if torch.cuda.is_available():
@@ -114,7 +122,7 @@ def rollout(backend_name: str, model_dir: Path, n_prompts: int, n: int, max_new:
     tokens = sum(len(c.token_ids) for cs in out for c in cs)
     res = {"backend": backend_name, "sequences": n_prompts * n, "max_new_tokens": max_new, "batch_size": batch_size,
            "tokens": tokens, "seconds": round(dt, 3), "tokens_per_s": round(tokens / dt, 1), "load_s": round(load_s, 1),
-           "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None}
+           "peak_gpu_gib": _peak_gib()}
     if hasattr(be, "close"):
         be.close()
     del be
@@ -125,36 +133,37 @@ def rollout(backend_name: str, model_dir: Path, n_prompts: int, n: int, max_new:
 
 
 def training_rows(model_dir: Path, path: Path, rows: int, seq_len: int, seed: int = 0) -> None:
+    from drsft.io import write_jsonl
     from drsft.models import load_tokenizer
     from drsft.prompts import encode_prompt, render_prompt
+    from drsft.rewrite import training_row
 
     tok = load_tokenizer(model_dir)
     rng = random.Random(seed)
     special = {int(i) for i in tok.all_special_ids}
     vocab = [i for i in range(len(tok)) if i not in special]
-    with open(path, "w", encoding="utf-8") as fh:
-        for i in range(rows):
-            prompt = render_prompt(tok, f"Compute ${rng.randint(1, 999)} + {rng.randint(1, 999)}$.", PROMPT_CFG)
-            n_resp = seq_len - len(encode_prompt(tok, prompt))
-            ids = [rng.choice(vocab) for _ in range(n_resp)]
-            known = i % 3 != 2
-            fh.write(json.dumps({"problem_id": f"bench-{i:05d}", "tier": "self" if known else "fallback",
-                                 "prompt": prompt, "response": "", "response_ids": ids,
-                                 "behaviour_logprobs": [-rng.random() for _ in ids] if known else None,
-                                 "plain_logprobs": [-rng.random() for _ in ids],
-                                 "behaviour": "sampled" if known else "unknown"}) + "\n")
+    out = []
+    for i in range(rows):
+        prompt = render_prompt(tok, _problem(rng), PROMPT_CFG)
+        ids = [rng.choice(vocab) for _ in range(seq_len - len(encode_prompt(tok, prompt)))]
+        known = i % 3 != 2   # two rows in three with behaviour log-probs (self tier), one fallback
+        out.append(training_row(f"bench-{i:05d}", "self" if known else "fallback", prompt, "", ids,
+                                [-rng.random() for _ in ids] if known else None, [-rng.random() for _ in ids],
+                                "sampled" if known else "unknown"))
+    write_jsonl(path, out)
 
 
 def training(model_dir: Path, data: Path, work: Path, zero_stage: int, micro: int, global_batch: int,
              seq_len: int, checkpointing: bool, loss: str) -> dict:
+    """One epoch of ``data`` with params.yaml's ``train`` section; loss, sizes and the configs' lr set."""
     import torch
 
+    from drsft.params import load_params, section
     from drsft.train import train
 
-    cfg = {"data": "rewritten", "loss": loss, "is_clip": [0.0, 5.0], "is_level": "token", "zero_stage": zero_stage,
-           "lr": 5e-5, "epochs": 1, "micro_batch_size": micro, "global_batch_size": global_batch,
-           "max_length": seq_len, "warmup_ratio": 0.1, "weight_decay": 0.0, "grad_clip": 1.0,
-           "gradient_checkpointing": checkpointing, "save_every": 10 ** 6, "seed": 0}
+    cfg = {**section(load_params(ROOT / "params.yaml"), "train"), "loss": loss, "zero_stage": zero_stage,
+           "lr": 5e-5, "epochs": 1, "micro_batch_size": micro, "global_batch_size": global_batch, "max_length": seq_len,
+           "gradient_checkpointing": checkpointing, "save_every": 10 ** 6}
     run = Path(tempfile.mkdtemp(prefix=f"zero{zero_stage}-", dir=work))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -168,7 +177,7 @@ def training(model_dir: Path, data: Path, work: Path, zero_stage: int, micro: in
             "input_tokens": m["input_tokens"], "train_time_s": round(m["train_time_s"], 2),
             "tokens_per_s": round(m["input_tokens"] / m["train_time_s"], 1),
             "stage_wall_s": round(time.perf_counter() - t0, 1),
-            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None}
+            "peak_gpu_gib": _peak_gib()}
 
 
 @click.command()

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import random
@@ -75,7 +74,7 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "L
 
 import click  # noqa: E402
 
-from drsft.io import iter_jsonl, write_json  # noqa: E402
+from drsft.io import iter_jsonl, write_json, write_jsonl  # noqa: E402
 from drsft.params import load_params, section  # noqa: E402
 
 
@@ -86,6 +85,7 @@ from drsft.params import load_params, section  # noqa: E402
 def synthetic_world(work: Path, prompt_cfg: dict, n_rows: int, seed: int = 0) -> tuple[Path, Path]:
     """A random tiny Llama and rows shaped like data/train/rewritten.jsonl (no dvc repro needed)."""
     from drsft.prompts import encode_response, render_prompt
+    from drsft.rewrite import training_row
     from drsft.tinylm import build_model, build_tokenizer
 
     rng = random.Random(seed)
@@ -106,15 +106,11 @@ def synthetic_world(work: Path, prompt_cfg: dict, n_rows: int, seed: int = 0) ->
         problem, solution = text.split(" We add", 1)
         ids = encode_response(tok, ("We add" + solution) * rng.randint(1, 3))
         known = i % 3 != 2
-        rows.append({"problem_id": f"syn-{i:05d}", "tier": "self" if known else "fallback",
-                     "prompt": render_prompt(tok, problem, prompt_cfg), "response": "", "response_ids": ids,
-                     "behaviour_logprobs": [-rng.random() for _ in ids] if known else None,
-                     "plain_logprobs": [-rng.random() for _ in ids],
-                     "behaviour": "sampled" if known else "unknown"})
+        rows.append(training_row(f"syn-{i:05d}", "self" if known else "fallback", render_prompt(tok, problem, prompt_cfg),
+                                 "", ids, [-rng.random() for _ in ids] if known else None,
+                                 [-rng.random() for _ in ids], "sampled" if known else "unknown"))
     data = work / "synthetic.jsonl"
-    with open(data, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
+    write_jsonl(data, rows)
     return model_dir, data
 
 
