@@ -119,17 +119,14 @@ trained = AutoModelForCausalLM.from_pretrained("models/trained")
 nb, nt = sum(p.numel() for p in base.parameters()), sum(p.numel() for p in trained.parameters())
 assert nb == nt, f"trained model has {nt} parameters, base {nb}: ZeRO-3 consolidation lost weights"
 print(f"models/trained: {nt} parameters, consolidated from ZeRO-3 partitions")
-for name in ("sample", "train", "evaluate"):
-    m = json.load(open(f"metrics/{name}.json"))
-    if name == "sample":
-        print(f"sample ({sys.argv[1]}): {m['tokens_per_s']:.0f} tok/s over {m['tokens_generated']} tokens, "
-              f"{m['seconds']:.1f} s")
-    elif name == "train":
-        print(f"train (ZeRO-3): {m['tokens_per_s']:.0f} input tok/s, training loop {m['train_time_s']:.1f} s")
-    else:
-        print("evaluate:", json.dumps(m["average"]))
 import glob
-print("stage seconds:", {f[8:-5]: json.load(open(f)).get("seconds") for f in sorted(glob.glob("metrics/*.json"))})
+metrics = {f[8:-5]: json.load(open(f)) for f in sorted(glob.glob("metrics/*.json"))}
+m = metrics["sample"]
+print(f"sample ({sys.argv[1]}): {m['tokens_per_s']:.0f} tok/s over {m['tokens_generated']} tokens, {m['seconds']:.1f} s")
+m = metrics["train"]
+print(f"train (ZeRO-3): {m['tokens_per_s']:.0f} input tok/s, training loop {m['train_time_s']:.1f} s")
+print("evaluate:", json.dumps(metrics["evaluate"]["average"]))
+print("stage seconds:", {name: m["seconds"] for name, m in metrics.items() if "seconds" in m})
 PYEOF
 
 # Rollout throughput, same model and prompts: vllm (one GPU, if installed) vs hf (one GPU).
