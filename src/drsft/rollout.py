@@ -254,8 +254,6 @@ def _attention_kernels(device):
     """SDPA backends for decoding on CUDA: every one but cuDNN. Measured on an H200 (torch 2.11):
     cuDNN attention, which SDPA picks for masked decode steps, spent 1.8 ms of CPU per call
     (a new plan for each KV length), 60 % of a decode step's time at Qwen2.5-1.5B shape."""
-    import contextlib
-
     if getattr(device, "type", str(device)) != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
