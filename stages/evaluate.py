@@ -12,15 +12,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import click  # noqa: E402
 
 from drsft.data import load_benchmark  # noqa: E402
-from drsft.evaluate import average_over, evaluate_benchmark  # noqa: E402
+from drsft.evaluate import add_intervals, average_over, evaluate_benchmark  # noqa: E402
 from drsft.io import DataError, write_csv, write_json, write_jsonl  # noqa: E402
 from drsft.models import resolve_model  # noqa: E402
 from drsft.params import load_params, section  # noqa: E402
 from drsft.rollout import make_backend  # noqa: E402
 from drsft.stage import clear_errors, count_records, log, preflight, sequences_bytes  # noqa: E402
+from drsft.stats import problem_scores  # noqa: E402
 
 
-PLOT_COLUMNS = ("avg_at_k", "greedy", "pass_at_k", "no_answer_rate")
+PLOT_COLUMNS = ("avg_at_k", "avg_at_k_low", "avg_at_k_high", "greedy", "pass_at_k", "no_answer_rate")
 
 
 @click.command()
@@ -54,16 +55,22 @@ def main(params_path, model_dir, benchmarks_dir, out, metrics, plot_csv):
                            trust_remote_code=trust, tensor_parallel_size=roll["tensor_parallel_size"],
                            gpu_memory_utilization=roll["gpu_memory_utilization"],
                            data_parallel_size=roll["data_parallel_size"])
-    results = {}
+    results, scores = {}, {}
     for name, problems in sets.items():
         m, preds = evaluate_benchmark(backend, problems, prompt_cfg, cfg, verify_cfg, int(roll["batch_size"]))
         write_jsonl(Path(out) / f"{name}.jsonl", preds)
         results[name] = m
+        scores[name] = list(problem_scores(preds).values())
         log.info("%s: avg@%d %.3f greedy %s", name, m["k"], m.get("avg_at_k", float("nan")), m.get("greedy"))
     average = average_over(results)
+    add_intervals(results, average, scores, n_boot=int(cfg["n_boot"]))
+    log.info("average avg@%d %.3f, 95%% CI [%.3f, %.3f]", int(cfg["k"]), average.get("avg_at_k", float("nan")),
+             *average.get("avg_at_k_ci", [float("nan")] * 2))
     write_json(metrics, {"benchmarks": results, "average": average})
     if plot_csv:
-        rows = [{"benchmark": n, **{c: m.get(c) for c in PLOT_COLUMNS}} for n, m in [*results.items(), ("average", average)]]
+        rows = [{"benchmark": n, **{c: m.get(c) for c in PLOT_COLUMNS},
+                 **dict(zip(("avg_at_k_low", "avg_at_k_high"), m.get("avg_at_k_ci", [None, None])))}
+                for n, m in [*results.items(), ("average", average)]]
         write_csv(plot_csv, rows, ["benchmark", *PLOT_COLUMNS])
 
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from drsft.prompts import render_prompt
 from drsft.rollout import SamplingParams
+from drsft.stats import bootstrap, interval
 from drsft.verify import verify_batch
 
 
@@ -76,3 +77,18 @@ def average_over(benchmarks: Mapping[str, Mapping]) -> dict:
         if vals:
             out[key] = sum(vals) / len(vals)
     return out
+
+
+def add_intervals(results: dict[str, dict], average: dict, scores: Mapping[str, Sequence[float]],
+                  n_boot: int, seed: int = 0) -> None:
+    """Add ``avg_at_k_ci`` (95 %, ``[low, high]``) to each benchmark's metrics and to the average, from a
+    bootstrap over problems (drsft.stats: a problem's k samples move together; the average's
+    interval resamples within each benchmark). In place; no-op without sampled scores."""
+    scores = {b: s for b, s in scores.items() if len(s)}
+    if not scores:
+        return
+    reps = bootstrap({"arm": scores}, n_boot=n_boot, seed=seed)["arm"]
+    for b in scores:
+        results[b]["avg_at_k_ci"] = interval(reps[b])
+    if set(scores) == set(results):
+        average["avg_at_k_ci"] = interval(reps["average"])

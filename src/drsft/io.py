@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 _UMASK = os.umask(0)
@@ -174,21 +174,27 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     if not path.exists():
         raise DataError(path, None, "file not found")
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(path, lineno, f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as exc:
-                hint = " (truncated last line?)" if not raw.endswith(b"\n") else ""
-                raise DataError(path, lineno, f"not valid JSON{hint}: {exc.msg} at column {exc.colno}") from None
-            if not isinstance(rec, dict):
-                raise DataError(path, lineno, f"expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+        yield from iter_jsonl_stream(fh, path)
+
+
+def iter_jsonl_stream(fh: IO[bytes], name: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """:func:`iter_jsonl` over an open binary stream (e.g. a file at another git revision through
+    ``dvc.api.DVCFileSystem``); ``name`` is what errors call it."""
+    for lineno, raw in enumerate(fh, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(name, lineno, f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            hint = " (truncated last line?)" if not raw.endswith(b"\n") else ""
+            raise DataError(name, lineno, f"not valid JSON{hint}: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(rec, dict):
+            raise DataError(name, lineno, f"expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
