@@ -53,11 +53,20 @@ test: install
 test-fast: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests -m "not slow"
 
-# The paper's comparison: SFT, DFT, DR+SFT, DR+DFT queued as `dvc exp run` arms; prints a markdown table.
-# ABLATION_ARGS: --with-is, --jobs N, --plots DIR, --table-only (scripts/ablation.py --help).
+# The paper's comparison: SFT, DFT, DR+SFT, DR+DFT x 3 training seeds queued as `dvc exp run`s; writes
+# metrics/ablation.json (means, 95 % intervals, paired differences) and prints the table.
+# ABLATION_ARGS: --seeds N, --with-is, --jobs N, --plots DIR, --table-only (scripts/ablation.py --help).
 ABLATION_ARGS ?=
 ablation: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/ablation.py $(ABLATION_ARGS)
+
+# Beyond the paper: the four arms at several settings of the world's policy-gap knob
+# (prepare.toy.textbook_frac), accuracy against the measured expert NLL: metrics/gap_sweep.json,
+# metrics/plots/gap_sweep.csv (dvc plots) and docs/gap_sweep.png. GAP_SWEEP_ARGS: --values, --seeds.
+GAP_SWEEP_ARGS ?=
+.PHONY: gap-sweep
+gap-sweep: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/gap_sweep.py $(GAP_SWEEP_ARGS)
 
 # Switch the pipeline to a params file (configs/*.yaml): validated (schema + key set), refused when
 # params.yaml has uncommitted changes, then copied over params.yaml. `git checkout params.yaml` goes back.

@@ -1,24 +1,25 @@
-"""The paper's comparison in one command: queue the arms as DVC experiments, run them, print a table.
+"""The paper's comparison in one command: queue the arms x training seeds as DVC experiments, run them,
+write ``metrics/ablation.json`` and print the table with 95 % intervals.
 
-1. ``dvc repro`` in the workspace: the shared upstream stages (prepare ... fallback, evaluate_base),
-   once; a no-op when up to date.
-2. Each arm is queued: ``dvc exp run --queue -n <arm> -S train.data=... -S train.loss=...``. A queued
-   experiment snapshots the workspace (uncommitted changes included) and runs in its own temporary
-   directory, so the workspace is never touched.
-3. ``dvc exp run --run-all --jobs N`` runs the queue (N=1 by default: on a 2-core CPU the arms would
-   only slow each other down). Every stage upstream of ``train`` comes from the DVC cache, so per
-   arm only ``train`` and ``evaluate`` run; the script prints, for each arm, the stages its log
-   shows running.
-4. The table is read back from ``dvc exp show --json``: avg@k per benchmark and on average, with
-   the base model as the reference row, plus the rewrite tier shares. ``--plots DIR`` also renders
-   ``dvc plots diff <arms>`` (accuracy per benchmark per arm, loss curves, tier composition) to DIR.
+1. ``dvc repro`` in the workspace: the shared upstream stages, once; a no-op when up to date.
+2. Each arm and training seed is queued: ``dvc exp run --queue -n <arm>-s<seed> -S train.data=...
+   -S train.loss=... -S train.seed=<seed>``. A queued experiment snapshots the workspace and runs in
+   its own temporary directory, so the workspace is never touched.
+3. ``dvc exp run --run-all --jobs N`` runs the queue. Every stage upstream of ``train`` comes from the
+   DVC cache, so per experiment only ``train`` and ``evaluate`` run; the script prints, for each, the
+   stages its log shows running.
+4. The per-problem scores of every experiment (``data/evaluate/<benchmark>.jsonl`` at the
+   experiment's commit, read from the DVC cache through ``dvc.api.DVCFileSystem``) and of the base
+   model go to :func:`drsft.ablation.summarize`: mean avg@k per arm over seeds and problems, a 95 %
+   interval that counts training-seed and evaluation noise, and the paired differences the paper
+   reports (DR+DFT − DFT, DR+SFT − SFT, DR+DFT − base, DFT − SFT). Written to ``metrics/ablation.json``
+   (``metrics/ablation-<tag>.json`` with ``--tag``) and printed as ``mean ± half-width``.
 
-    python scripts/ablation.py                     # the four arms
-    python scripts/ablation.py --with-is           # plus rewritten+is and rewritten+is_dft
-    python scripts/ablation.py --table-only        # only print the table of existing experiments
+    python scripts/ablation.py                      # four arms x 3 seeds
+    python scripts/ablation.py --seeds 5 --with-is  # more seeds, plus rewritten+is and rewritten+is_dft
+    python scripts/ablation.py --table-only         # recompute the summary from existing experiments
     python scripts/ablation.py --plots ablation_plots
-    python scripts/ablation.py --set train.lr=1e-4 --tag lr1e-4   # the arms at another setting:
-                                                   # -S for every arm, names sft-lr1e-4, ...
+    python scripts/ablation.py --set train.lr=1e-4 --tag lr1e-4   # the arms at another setting
 """
 
 from __future__ import annotations
@@ -31,29 +32,30 @@ from pathlib import Path
 
 import click
 
-ARMS = [
-    ("sft", "expert", "sft"),
-    ("dft", "expert", "dft"),
-    ("dr-sft", "rewritten", "sft"),
-    ("dr-dft", "rewritten", "dft"),
-]
-IS_ARMS = [("dr-is", "rewritten", "is"), ("dr-is-dft", "rewritten", "is_dft")]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from drsft.ablation import ARMS, IS_ARMS, PAIRS, format_tables, summarize  # noqa: E402
+from drsft.io import iter_jsonl_stream, write_json  # noqa: E402
+from drsft.params import load_params  # noqa: E402
+from drsft.stats import problem_scores  # noqa: E402
 
 
-def _dvc(*args: str, capture: bool = True) -> str:
-    proc = subprocess.run(["dvc", *args], capture_output=capture, text=True)
+def _dvc(*args: str) -> str:
+    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise click.ClickException(f"dvc {' '.join(args)} failed:\n{(proc.stdout or '')[-3000:]}{(proc.stderr or '')[-3000:]}")
     return (proc.stdout or "") + (proc.stderr or "")
 
 
+def exp_name(arm: str, tag: str, seed: int) -> str:
+    return f"{arm}-{tag}-s{seed}" if tag else f"{arm}-s{seed}"
+
+
 def _walk(node, found: dict) -> None:
-    """Collect {experiment name: data} from `dvc exp show --json`, whatever its nesting."""
+    """Collect {experiment name: (rev, data)} from `dvc exp show --json`, whatever its nesting."""
     if isinstance(node, dict):
-        if "data" in node and isinstance(node.get("data"), dict) and node.get("name"):
-            found.setdefault(node["name"], node["data"])
-        if node.get("rev") == "workspace" and isinstance(node.get("data"), dict):
-            found.setdefault("workspace", node["data"])
+        if isinstance(node.get("data"), dict) and node.get("name") and node.get("rev"):
+            found.setdefault(node["name"], (node["rev"], node["data"]))
         for v in node.values():
             _walk(v, found)
     elif isinstance(node, list):
@@ -61,63 +63,27 @@ def _walk(node, found: dict) -> None:
             _walk(v, found)
 
 
-def _metric(data: dict, file: str) -> dict:
-    return ((data.get("metrics") or {}).get(file) or {}).get("data") or {}
-
-
-def _params(data: dict) -> dict:
-    return ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-
-
-def table(arm_names: list[str]) -> str:
+def experiments() -> dict[str, tuple[str, dict]]:
     found: dict = {}
     _walk(json.loads(_dvc("exp", "show", "--json")), found)
-    rows = []
-    base = _metric(found.get("workspace", {}), "metrics/evaluate_base.json")
-    benches = sorted((base.get("benchmarks") or {}).keys())
-    for name in arm_names:
-        if name not in found:
-            continue
-        data = found[name]
-        ev = _metric(data, "metrics/evaluate.json")
-        benches = benches or sorted((ev.get("benchmarks") or {}).keys())
-        p = _params(data).get("train", {})
-        rows.append((name, p.get("data"), p.get("loss"), ev))
-    tiers = _metric(found.get("workspace", {}), "metrics/rewrite.json").get("tiers", {})
-    head = "| arm | train.data | train.loss | " + " | ".join(benches) + " | average |"
-    sep = "|" + "---|" * (4 + len(benches))
-    lines = [head, sep]
-
-    def cells(ev):
-        b = ev.get("benchmarks") or {}
-        vals = [b.get(x, {}).get("avg_at_k") for x in benches] + [(ev.get("average") or {}).get("avg_at_k")]
-        return " | ".join("—" if v is None else f"{100 * v:.1f}" for v in vals)
-
-    if base:
-        lines.append(f"| base model | — | — | {cells(base)} |")
-    for name, d, loss, ev in rows:
-        lines.append(f"| {name} | {d} | {loss} | {cells(ev)} |")
-    k = next((v.get("k") for _, _, _, ev in rows for v in (ev.get("benchmarks") or {}).values()), None)
-    note = f"\navg@{k} accuracy (%) per benchmark."
-    if tiers:
-        note += " Rewritten set: " + ", ".join(f"{t} {100 * v.get('share', 0):.1f}%" for t, v in tiers.items()) + "."
-    return "\n".join(lines) + note
+    return found
 
 
-def _ran_per_arm(name: str) -> list[str]:
+def _ran(name: str) -> list[str]:
     """The stages an experiment's queue log shows running (``dvc queue logs``)."""
     proc = subprocess.run(["dvc", "queue", "logs", name], capture_output=True, text=True)
     return re.findall(r"Running stage '([^']+)'", (proc.stdout or "") + (proc.stderr or ""))
 
 
 def untracked_outputs() -> list[str]:
-    """Untracked files under the git-tracked (``cache: false``) outputs: metrics/ and dvclive/."""
+    """Untracked files among the git-tracked (``cache: false``) stage outputs: metrics/ and dvclive/."""
     out = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", "metrics", "dvclive"],
-                         capture_output=True, text=True).stdout
-    return out.split()
+                         capture_output=True, text=True).stdout.split()
+    return [f for f in out if not re.fullmatch(r"metrics/(ablation|gap_sweep)[^/]*\.json|metrics/plots/gap_sweep\.csv", f)]
 
 
-def run_arms(arms: list[tuple[str, str, str]], jobs: int, overrides: tuple[str, ...] = ()) -> None:
+def run_experiments(names: dict[str, list[str]], jobs: int) -> None:
+    """Queue ``{experiment name: [-S overrides]}``, run the queue, report what each ran."""
     _dvc("repro")  # the shared upstream stages, once (a no-op when up to date)
     missing = untracked_outputs()
     if missing:
@@ -126,45 +92,106 @@ def run_arms(arms: list[tuple[str, str, str]], jobs: int, overrides: tuple[str, 
             "experiment starts from a git snapshot, so its stages would rerun in every arm and its metrics would "
             "be missing from the table: commit them first (`git add metrics dvclive && git commit`)")
     existing = set(_dvc("exp", "list", "--all-commits", "--name-only").split())
-    for name, data, loss in arms:
+    for name, sets in names.items():
         if name in existing:
             _dvc("exp", "remove", name)
-        extra = [a for o in overrides for a in ("-S", o)]
-        _dvc("exp", "run", "--queue", "-n", name, "-S", f"train.data={data}", "-S", f"train.loss={loss}", *extra)
-        click.echo(f"queued {name}: train.data={data} train.loss={loss} {' '.join(overrides)}".rstrip(), err=True)
+        _dvc("exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)])
+        click.echo(f"queued {name}: {' '.join(sets)}", err=True)
     proc = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], capture_output=True, text=True)
-    for name, _, _ in arms:
-        ran = _ran_per_arm(name)
-        click.echo(f"{name}: ran {', '.join(ran) or 'nothing (all cached)'}", err=True)
+    for name in names:
+        click.echo(f"{name}: ran {', '.join(_ran(name)) or 'nothing (all cached)'}", err=True)
     shown = set(_dvc("exp", "list", "--name-only").split())
-    failed = [name for name, _, _ in arms if name not in shown]
+    failed = [name for name in names if name not in shown]
     if proc.returncode != 0 or failed:
         raise click.ClickException(
-            f"arm(s) {', '.join(failed) or '?'} failed (see `dvc queue logs <arm>` and `dvc queue status`):\n"
+            f"experiment(s) {', '.join(failed) or '?'} failed (see `dvc queue logs <name>` and `dvc queue status`):\n"
             f"{(proc.stdout or '')[-3000:]}{(proc.stderr or '')[-3000:]}")
 
 
+def read_scores(rev: str, folder: str, benchmarks: list[str]) -> dict[str, list[float]]:
+    """Per-problem avg@k scores of one evaluation (``<folder>/<benchmark>.jsonl``) at a git revision,
+    in the benchmark file's problem order (the same in every experiment: the pairing)."""
+    from dvc.api import DVCFileSystem
+
+    fs = DVCFileSystem(".", rev=rev)
+    out = {}
+    for b in benchmarks:
+        path = f"{folder}/{b}.jsonl"
+        with fs.open(path, "rb") as fh:
+            rows = [rec for _, rec in iter_jsonl_stream(fh, f"{path}@{rev[:7]}")]
+        out[b] = list(problem_scores(rows).values())
+    return out
+
+
+def collect(arms: list[tuple[str, str, str]], seeds: list[int], tag: str) -> tuple[dict, dict, dict]:
+    """Scores ``{arm: {benchmark: [seed rows]}}`` (with ``base``), arm info and the world's metrics,
+    from the experiments of this baseline."""
+    found = experiments()
+    names = {(a, s): exp_name(a, tag, s) for a, _, _ in arms for s in seeds}
+    missing = [n for n in names.values() if n not in found]
+    if missing:
+        raise click.ClickException(f"no experiment(s) {', '.join(missing)} on this commit: run without --table-only")
+    first_rev, first = found[names[(arms[0][0], seeds[0])]]
+    params = ((first.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+    benchmarks = list(params["evaluate"]["benchmarks"])
+    scores: dict[str, dict[str, list]] = {"base": read_scores(first_rev, "data/evaluate_base", benchmarks)}
+    for arm, _, _ in arms:
+        rows = [read_scores(found[names[(arm, s)]][0], "data/evaluate", benchmarks) for s in seeds]
+        scores[arm] = {b: [r[b] for r in rows] for b in benchmarks}
+    metrics = first.get("metrics") or {}
+    world = ((metrics.get("metrics/prepare.json") or {}).get("data") or {}).get("world") or {}
+    rewrite = ((metrics.get("metrics/rewrite.json") or {}).get("data") or {})
+    context = {"k": params["evaluate"]["k"], "evaluate_seed": params["evaluate"]["seed"],
+               "problems": {b: len(v) for b, v in scores["base"].items()},
+               "world": {k: world.get(k) for k in ("nll_expert", "nll_own_correct", "nll_ratio_expert_to_own",
+                                                     "solve_rate", "headroom_families") if k in world},
+               "rewrite_tiers": {t: v.get("count") for t, v in (rewrite.get("tiers") or {}).items()},
+               "textbook_frac": params["prepare"]["toy"]["textbook_frac"] if params["prepare"]["source"] == "toy" else None}
+    return scores, {a: (d, loss) for a, d, loss in arms}, context
+
+
+def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs: int, table_only: bool,
+             n_boot: int, out: str) -> dict:
+    if not table_only:
+        names = {exp_name(a, tag, s): [f"train.data={d}", f"train.loss={loss}", f"train.seed={s}", *overrides]
+                 for a, d, loss in arms for s in seeds}
+        run_experiments(names, jobs)
+    scores, info, context = collect(arms, seeds, tag)
+    summary = summarize(scores, PAIRS, n_boot=n_boot)
+    result = {"seeds": seeds, "n_boot": n_boot, "level": 0.95, "overrides": list(overrides), **context, **summary}
+    write_json(out, result)
+    click.echo(format_tables(summary, info))
+    click.echo(f"\navg@{context['k']} accuracy (%), mean over {len(seeds)} training seed(s) and "
+               f"{sum(context['problems'].values())} problems ± the half-width of the 95 % interval "
+               f"(problems and seeds resampled); written to {out}", err=True)
+    return result
+
+
 @click.command()
-@click.option("--with-is", is_flag=True, help="also run the importance-sampling arms")
-@click.option("--table-only", is_flag=True, help="do not run, only print the table")
+@click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="training seeds per arm: train.seed = params.yaml's train.seed + 0 .. N-1")
+@click.option("--with-is", is_flag=True, help="also run the importance-sampling arms (drsft's extensions)")
+@click.option("--table-only", is_flag=True, help="do not run; summarize the existing experiments")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="queued arms run at once (dvc exp run --run-all --jobs)")
-@click.option("--plots", "plots_dir", default=None, help="also render `dvc plots diff <arms>` into this folder")
+              help="queued experiments run at once (dvc exp run --run-all --jobs)")
+@click.option("--plots", "plots_dir", default=None, help="also render `dvc plots diff` of the seed-0 arms into this folder")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="a params override applied to every arm (dvc exp run -S), e.g. train.lr=1e-4; repeatable")
-@click.option("--tag", default="", help="suffix of the arm names (sft-<tag>, ...), to keep several settings apart")
-def main(with_is: bool, table_only: bool, jobs: int, plots_dir: str | None, overrides: tuple[str, ...], tag: str):
+@click.option("--tag", default="", help="part of the experiment names (sft-<tag>-s0, ...) and of the output file")
+@click.option("--n-boot", type=click.IntRange(min=100), default=2000, show_default=True, help="bootstrap resamples")
+@click.option("--out", default=None, help="summary file [default: metrics/ablation.json, or metrics/ablation-<tag>.json]")
+def main(n_seeds, with_is, table_only, jobs, plots_dir, overrides, tag, n_boot, out):
     if overrides and not tag:
         raise click.UsageError("--set needs a --tag, so that these arms do not replace the default ones")
-    arms = [(f"{name}-{tag}" if tag else name, data, loss) for name, data, loss in ARMS + (IS_ARMS if with_is else [])]
-    if not table_only:
-        run_arms(arms, jobs, overrides)
-    click.echo(table([a[0] for a in arms]))
+    arms = ARMS + (IS_ARMS if with_is else [])
+    base_seed = int(load_params("params.yaml")["train"]["seed"])
+    seeds = [base_seed + i for i in range(n_seeds)]
+    ablation(arms, seeds, tag, overrides, jobs, table_only, n_boot,
+             out or (f"metrics/ablation-{tag}.json" if tag else "metrics/ablation.json"))
     if plots_dir:
-        _dvc("plots", "diff", *[a[0] for a in arms], "--out", plots_dir)
+        _dvc("plots", "diff", *[exp_name(a, tag, seeds[0]) for a, _, _ in arms], "--out", plots_dir)
         click.echo(f"plots: {Path(plots_dir) / 'index.html'}", err=True)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     main()

@@ -2,7 +2,7 @@
 
 Checks that every stage writes its outputs and metrics, that a second `dvc repro` runs nothing,
 and that changing a train parameter reruns exactly `train` and `evaluate`; `make ablation`'s script
-queues the four arms and prints the table.
+queues the four arms x seeds and writes metrics/ablation.json.
 """
 
 import json
@@ -87,23 +87,38 @@ def test_exp_run_with_a_loss_reruns_only_train_and_evaluate(repo, first_repro):
     assert metrics["loss"] == "dft"
 
 
-def test_ablation_queues_the_arms_runs_only_train_and_evaluate_and_prints_the_table(repo, first_repro):
-    """`make ablation`'s script: four queued `dvc exp run` arms, the workspace left as it was."""
+def test_ablation_queues_arms_and_seeds_runs_only_train_and_evaluate_and_writes_intervals(repo, first_repro):
+    """`make ablation`'s script: four arms x two training seeds as queued `dvc exp run`s, the workspace
+    left as it was, metrics/ablation.json with intervals and paired comparisons, the table printed."""
     dst, env = repo
     # as a user's checkout: metrics/ and dvclive/ (cache: false outputs) are in git, which is all
     # that a queued experiment's snapshot holds
     _run(["git", "add", "-A"], dst, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "outputs"], dst, env)
     params_before = (dst / "params.yaml").read_text()
-    proc = subprocess.run([sys.executable, "scripts/ablation.py", "--plots", "abl_plots"], cwd=dst, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run([sys.executable, "scripts/ablation.py", "--seeds", "2", "--n-boot", "300",
+                           "--plots", "abl_plots"], cwd=dst, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     arms = ("sft", "dft", "dr-sft", "dr-dft")
     ran = dict(re.findall(r"^(\S+): ran (.*)$", proc.stderr, re.M))
-    assert set(ran) == set(arms), proc.stderr[-3000:]
+    assert set(ran) == {f"{a}-s{s}" for a in arms for s in (0, 1)}, proc.stderr[-3000:]
     for name, stages in ran.items():   # upstream stages always come from the cache
         assert stages == "nothing (all cached)" or set(stages.split(", ")) <= {"train", "evaluate"}, (name, stages)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [r.split(" | ")[0].lstrip("| ") for r in rows[1:]] == ["base model", *arms], proc.stdout
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows[1:6]] == ["base model", *arms], proc.stdout
+    assert all(" ± " in r for r in rows[1:6])
+    summary = json.loads((dst / "metrics/ablation.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    assert summary["arms"]["base"]["seeds"] == 1 and summary["arms"]["dr-dft"]["seeds"] == 2
+    # seed 1 trains differently from seed 0
+    assert summary["arms"]["sft"]["per_seed"][0] != summary["arms"]["sft"]["per_seed"][1]
+    for a in summary["arms"].values():
+        assert a["avg_at_k_ci"][0] <= a["avg_at_k"] <= a["avg_at_k_ci"][1]
+    assert {"dr-dft_vs_dft", "dr-sft_vs_sft", "dr-dft_vs_base", "dft_vs_sft"} == set(summary["comparisons"])
+    # the base row is the workspace's evaluate_base; seed 0 of dr-sft is the workspace's own arm
+    base = json.loads((dst / "metrics/evaluate_base.json").read_text())
+    assert summary["arms"]["base"]["avg_at_k"] == pytest.approx(base["average"]["avg_at_k"])
+    shown = _run([DVC, "metrics", "show", "metrics/ablation.json"], dst, env)
+    assert "ablation.json" in shown
     assert (dst / "abl_plots" / "index.html").exists()
     assert (dst / "params.yaml").read_text() == params_before   # queued runs do not touch the workspace

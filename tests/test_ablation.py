@@ -1,0 +1,49 @@
+"""The ablation's statistics (drsft.ablation): arms x seeds x problems -> metrics/ablation.json."""
+
+import numpy as np
+import pytest
+
+from drsft.ablation import PAIRS, format_tables, summarize
+
+
+def _scores(rng, p_by_bench, seeds):
+    return {b: [(rng.random(n) < p).astype(float).tolist() for _ in range(seeds)] for b, (n, p) in p_by_bench.items()}
+
+
+def test_summary_fields_and_paired_differences():
+    rng = np.random.default_rng(0)
+    benches = {"toy_a": (300, 0.3), "toy_b": (300, 0.6)}
+    scores = {"base": {b: v[0] for b, v in _scores(rng, benches, 1).items()}}
+    for arm, shift in (("sft", -0.2), ("dft", 0.0), ("dr-sft", 0.0), ("dr-dft", 0.15)):
+        scores[arm] = _scores(rng, {b: (n, p + shift) for b, (n, p) in benches.items()}, 3)
+    s = summarize(scores, n_boot=1000)
+    assert set(s["arms"]) == {"base", "sft", "dft", "dr-sft", "dr-dft"}
+    for name, a in s["arms"].items():
+        lo, hi = a["avg_at_k_ci"]
+        assert lo <= a["avg_at_k"] <= hi
+        assert a["seeds"] == (1 if name == "base" else 3) and len(a["per_seed"]) == a["seeds"]
+        assert np.mean(a["per_seed"]) == pytest.approx(a["avg_at_k"])
+        assert set(a["benchmarks"]) == set(benches)
+    assert set(s["comparisons"]) == {f"{x}_vs_{y}" for x, y in PAIRS}
+    c = s["comparisons"]["dr-dft_vs_dft"]
+    assert c["diff"] == pytest.approx(s["arms"]["dr-dft"]["avg_at_k"] - s["arms"]["dft"]["avg_at_k"])
+    assert c["resolved"] and c["diff_ci"][0] > 0.05           # a 15-point gain is resolved
+    assert s["comparisons"]["dft_vs_sft"]["resolved"]
+    same = s["comparisons"]["dr-sft_vs_sft"]
+    assert same["diff"] > 0
+
+
+def test_no_difference_is_called_unresolved():
+    rng = np.random.default_rng(1)
+    benches = {"toy_a": (200, 0.4)}
+    scores = {arm: _scores(rng, benches, 3) for arm in ("dft", "dr-dft")}
+    s = summarize(scores, pairs=[("dr-dft", "dft")], n_boot=1000)
+    c = s["comparisons"]["dr-dft_vs_dft"]
+    assert c["diff_ci"][0] < 0 < c["diff_ci"][1] and not c["resolved"]
+    table = format_tables(s, {"dft": ("expert", "dft"), "dr-dft": ("rewritten", "dft")})
+    assert "inside the noise" in table and "| dr-dft | rewritten | dft | 3 |" in table and " ± " in table
+
+
+def test_pairs_with_a_missing_arm_are_skipped():
+    scores = {"base": {"b": [1.0, 0.0]}, "sft": {"b": [[1.0, 0.0]]}}
+    assert summarize(scores, n_boot=200)["comparisons"] == {}
