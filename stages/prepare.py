@@ -73,7 +73,7 @@ def _fresh_dir(path: Path) -> None:
 
 def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/prepare", model_dir="models/base",
                 metrics_path="metrics/prepare.json", log=print) -> dict:
-    from drsft.world import fact_drills, pretraining_examples
+    from drsft.world import expert_solution, fact_drills, pretraining_examples
 
     t0 = time.time()
     data_dir, model_dir = Path(data_dir), Path(model_dir)
@@ -110,7 +110,9 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
         try:
             examples = pretraining_examples(world.corpus, seed=int(prep["seed"]), mistake_rate=float(toy["mistake_rate"]),
                                             guided_frac=float(toy["guided_frac"]),
-                                            guided_mistake_rate=float(toy["guided_mistake_rate"]))
+                                            guided_mistake_rate=float(toy["guided_mistake_rate"]),
+                                            misconception_rate=float(toy["misconception_rate"]),
+                                            textbook_frac=float(toy["textbook_frac"]))
             drills = fact_drills(world.corpus, int(toy["n_drills"]), int(toy["drill_facts"]), seed=int(prep["seed"]))
         except ValueError as exc:
             raise ParamsError(f"params.yaml: prepare.toy: {exc}") from None
@@ -118,6 +120,8 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
                            **pcfg)
         summary["guided_examples"] = sum(e.hint is not None for e in examples)
         summary["wrong_examples"] = sum(not e.correct for e in examples)
+        summary["textbook_examples"] = sum(e.hint is None and e.response == expert_solution(tp)
+                                           for e, tp in zip(examples, world.corpus))
         metrics["model"]["pretrain"] = summary
     else:
         write_json(model_dir / "reference.json", {"model": base})

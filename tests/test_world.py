@@ -10,6 +10,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import yaml
 
 from drsft import world as W
 from drsft.world import FAMILIES, expert_solution, make_world, math_key, model_solution, pretraining_examples
@@ -54,7 +55,7 @@ def test_records_have_the_documented_fields(world):
         ids.add(rec["id"])
         assert rec["source"] in FAMILIES
     assert {r["source"] for r in world.train} == set(FAMILIES)
-    assert re.fullmatch(r"(arith|linear|fraction|decimal)-\d{5}", world.train[0]["id"])
+    assert re.fullmatch(r"(arith|linear|fraction|decimal|precedence)-\d{5}", world.train[0]["id"])
 
 
 def test_expert_answers_are_correct(world):
@@ -75,10 +76,13 @@ def test_expert_answers_are_correct(world):
             a, b, c, d = nums
             op = 1 if " + \\frac" in rec["problem"] else -1
             assert value == Fraction(int(a), int(b)) + op * Fraction(int(c), int(d))
-        else:
+        elif rec["source"] == "decimal":
             p, c, q = nums
             op = 1 if " + " in rec["problem"] else -1
             assert value == p * c + op * abs(q)
+        else:  # precedence: multiplication first
+            a, b, c = nums
+            assert value == a + b * c
 
 
 def test_answers_cover_fractions_negatives_decimals(world):
@@ -128,6 +132,47 @@ def test_model_style_differs_from_expert_style(world):
         assert text.split()[0] != expert.split()[0]
 
 
+def test_precedence_misconception_is_a_wrong_method_never_a_right_answer(world):
+    """The model-style corpus solution of a precedence problem evaluates left to right at
+    misconception_rate: a different method (its first step combines a and b), always a wrong answer;
+    the guided and expert solutions multiply first."""
+    rng = random.Random(4)
+    probs = [tp for tp in world.corpus if tp.family == "precedence"]
+    assert len(probs) > 100
+    for tp in probs:
+        a, b, c = tp.params["a"], tp.params["b"], tp.params["c"]
+        wrong, ok = model_solution(tp, rng, mistake_rate=0.0, misconception_rate=1.0)
+        assert not ok and f"{a}+{b} is " in wrong
+        left_to_right = (a + b) * c
+        assert last_boxed(wrong) == str(left_to_right) != tp.answer
+        right, ok = model_solution(tp, rng, mistake_rate=0.0, misconception_rate=0.0)
+        assert ok and f"{b}*{c} is {b * c}" in right and last_boxed(right) == tp.answer
+        assert f"{b} \\times {c} = {b * c}" in expert_solution(tp)
+    for fam in ("arith", "linear", "fraction", "decimal"):  # no misconception elsewhere
+        tp = next(t for t in world.corpus if t.family == fam)
+        assert model_solution(tp, random.Random(0), 0.0, misconception_rate=1.0) == (W.family(fam).model(tp.params, tp.values), True)
+    ex = pretraining_examples(world.corpus, seed=0, mistake_rate=0.0, guided_frac=0.3, guided_mistake_rate=0.0,
+                              misconception_rate=1.0)
+    prec = [(e, tp) for e, tp in zip(ex, world.corpus) if tp.family == "precedence"]
+    assert all(e.correct == (e.hint is not None) for e, _ in prec)   # plain: misconceived; guided: the hint's method
+
+
+def test_textbook_answers_are_expert_solutions_at_the_configured_share(world):
+    """textbook_frac of the plain examples of families without a misconception are answered in the
+    expert's style; precedence never is (its plain answers stay misconceived)."""
+    ex = pretraining_examples(world.corpus, seed=0, mistake_rate=0.0, guided_frac=0.2, guided_mistake_rate=0.0,
+                              misconception_rate=1.0, textbook_frac=0.4)
+    plain = [(e, tp) for e, tp in zip(ex, world.corpus) if e.hint is None]
+    textbook = [(e, tp) for e, tp in plain if e.response == expert_solution(tp)]
+    others = [(e, tp) for e, tp in plain if tp.family != "precedence"]
+    assert 0.33 < len(textbook) / len(others) < 0.47
+    assert all(tp.family != "precedence" and e.correct for e, tp in textbook)
+    none = pretraining_examples(world.corpus, seed=0, textbook_frac=0.0)
+    assert not any(e.response == expert_solution(tp) for e, tp in zip(none, world.corpus))
+    with pytest.raises(ValueError):
+        pretraining_examples(world.corpus, textbook_frac=1.5)
+
+
 def test_mistakes_happen_at_the_configured_rate(world):
     rng = random.Random(1)
     for rate in (0.0, 0.3, 1.0):
@@ -155,7 +200,8 @@ def test_fact_drills_are_correct_facts_in_the_model_wording(world):
     drills = W.fact_drills(world.corpus, n_drills=50, facts_per_drill=6, seed=0)
     assert len(drills) == 50 and drills == W.fact_drills(world.corpus, n_drills=50, facts_per_drill=6, seed=0)
     assert drills != W.fact_drills(world.corpus, n_drills=50, facts_per_drill=6, seed=1)
-    solutions = " ".join(W.family(tp.family).model(tp.params, tp.values) for tp in world.corpus)
+    solutions = " ".join(W.family(tp.family).model(tp.params, tp.values) + " "
+                         + (W.family(tp.family).misconceived(tp.params) or "") for tp in world.corpus)
     for d in drills:
         facts = d.rstrip(".").split(". ")
         assert len(facts) == 6
@@ -218,7 +264,16 @@ def test_default_prepare_world_properties(default_world):
     assert w["guided_solve_rate_on_unsolved"] > w["unguided_solve_rate_on_unsolved_fresh"]
     assert w["guided_solved_problems_on_unsolved"] < w["unsolved"]
     assert w["nll_expert"] > w["nll_own_correct"]
-    assert all(w["checks"].values())
+    # headroom: a family the model gets wrong on its own and solves when shown the expert solution
+    pr = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]["probe"]
+    head = w["headroom_families"]
+    assert head and all(w["families"][f]["solve_rate"] < pr["headroom_solve_max"] for f in head)
+    assert all(w["families"][f]["guided_solve_rate"] - w["families"][f]["solve_rate"] >= pr["headroom_margin"]
+               for f in head)
+    # a realistic gap: off-policy, not a foreign language
+    assert pr["gap_ratio_min"] <= w["nll_expert"] / w["nll_own_correct"] <= pr["gap_ratio_max"]
+    assert w["nll_expert"] < pr["gap_nll_max"]
+    assert all(w["checks"].values()), w["checks"]
     assert (out / "model" / "config.json").exists()
     assert len((out / "data" / "train.jsonl").read_text().splitlines()) == m["counts"]["train"]
 

@@ -1,8 +1,9 @@
-"""Probing the world's properties: does the base model leave something to rewrite?
+"""Probing the world's properties: does the base model leave something to rewrite, and to learn?
 
-The data-rewriting pipeline needs three things from a (model, problems) pair, and ``prepare``
-measures them on a subset of the training problems with the shared engines (drsft.rollout,
-drsft.verify, drsft.scoring), so they hold for the same sampler and verifier the pipeline uses:
+The data-rewriting pipeline needs these from a (model, problems) pair, and ``prepare`` measures
+them on a subset of the training problems with the shared engines (drsft.rollout, drsft.verify,
+drsft.scoring), before any fine-tuning, so they hold for the same sampler and verifier the
+pipeline uses:
 
 1. the base model solves some problems but not all: the mean per-problem solve rate at the
    sampling temperature (``n`` samples per problem) lies in ``[solve_rate_min, solve_rate_max]``;
@@ -11,7 +12,14 @@ drsft.verify, drsft.scoring), so they hold for the same sampler and verifier the
    estimate on the same problems, without solving every one of them (so the ``self``, ``guided`` and
    ``fallback`` tiers are all non-empty downstream);
 3. expert demonstrations are off-policy: their mean per-token NLL under the base model (plain
-   prompt) is higher than that of the model's own correct solutions.
+   prompt) is higher than that of the model's own correct solutions;
+4. **headroom the expert data carries**: at least one family (the record's ``source``) whose
+   unguided solve rate is below ``headroom_solve_max`` while its guided solve rate (hint on every
+   problem of the family) is at least ``headroom_margin`` above it: the model lacks the method,
+   the expert demonstrations show it, and the model can follow them;
+5. **a realistic gap**: the expert NLL is between ``gap_ratio_min`` and ``gap_ratio_max`` times that
+   of the model's own correct solutions and below ``gap_nll_max`` nats/token: off-policy, but not a
+   foreign language.
 
 The unguided solve rate on the unsolved problems is 0 by construction on the probe's own samples,
 so a fresh set of samples (another seed) gives the unbiased comparison for property 2.
@@ -79,30 +87,40 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
     finished = sum(comp.finish_reason == "stop" for row in comps for comp in row) / (n * len(probs))
     log(f"probe: solve rate {_mean(rates):.3f}, {len(unsolved)}/{len(probs)} unsolved ({time.time() - t0:.0f}s)")
 
-    by_family: dict[str, list[float]] = {}
-    for p, r in zip(probs, rates):
-        by_family.setdefault(p.get("source", "?"), []).append(r)
-
-    # Property 2: guided re-solve vs a fresh unguided estimate on the unsolved problems.
-    guided_prompts = [render_prompt(tok, probs[i]["problem"], prompt_cfg, hint=probs[i]["solution"])
-                      for i in unsolved]
-    _, g_ok = run(guided_prompts, [probs[i] for i in unsolved], int(c["seed"]))
+    # Guided re-solves (the expert solution as hint) on every probe problem: per family for
+    # property 4, restricted to the unsolved problems for property 2.
+    guided_prompts = [render_prompt(tok, p["problem"], prompt_cfg, hint=p["solution"]) for p in probs]
+    _, g_all = run(guided_prompts, probs, int(c["seed"]))
+    g_rates = [sum(o) / n for o in g_all]
     _, f_ok = run([plain[i] for i in unsolved], [probs[i] for i in unsolved], int(c["seed"]) + 1)
-    guided_rate = _mean([sum(o) / n for o in g_ok])
+    guided_rate = _mean([g_rates[i] for i in unsolved])
     fresh_rate = _mean([sum(o) / n for o in f_ok])
-    guided_any = sum(any(o) for o in g_ok)
+    guided_any = sum(any(g_all[i]) for i in unsolved)
     log(f"probe: on unsolved, guided {guided_rate}, fresh unguided {fresh_rate}, "
         f"guided solved {guided_any}/{len(unsolved)} ({time.time() - t0:.0f}s)")
 
-    # Property 3: NLL of the expert demonstrations vs the model's own correct solutions.
+    # Property 3 and 5: NLL of the expert demonstrations vs the model's own correct solutions.
     model = load_model(model_dir, trust_remote_code=trust_remote_code)
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     expert_ids = [tok(p["solution"], add_special_tokens=False)["input_ids"] + eos for p in probs]
-    own = [(plain[i], comp.token_ids) for i, row in enumerate(comps) for comp, good in zip(row, ok[i]) if good]
+    own = [(i, plain[i], comp.token_ids) for i, row in enumerate(comps) for comp, good in zip(row, ok[i]) if good]
     lp_expert = score_responses(model, tok, plain, expert_ids)
-    lp_own = score_responses(model, tok, [a for a, _ in own], [b for _, b in own]) if own else []
+    lp_own = score_responses(model, tok, [a for _, a, _ in own], [b for _, _, b in own]) if own else []
     nll_expert, nll_own = _token_nll(lp_expert), _token_nll(lp_own)
     log(f"probe: NLL expert {nll_expert}, own correct {nll_own} ({time.time() - t0:.0f}s)")
+
+    families: dict[str, dict] = {}
+    for fam in sorted({p.get("source", "?") for p in probs}):
+        idx = [i for i, p in enumerate(probs) if p.get("source", "?") == fam]
+        own_f = [lp for (i, _, _), lp in zip(own, lp_own) if probs[i].get("source", "?") == fam]
+        families[fam] = {"problems": len(idx), "solve_rate": _mean([rates[i] for i in idx]),
+                         "guided_solve_rate": _mean([g_rates[i] for i in idx]),
+                         "nll_expert": _token_nll([lp_expert[i] for i in idx]), "nll_own_correct": _token_nll(own_f)}
+    headroom = [f for f, m in families.items()
+                if m["solve_rate"] < c["headroom_solve_max"]
+                and m["guided_solve_rate"] - m["solve_rate"] >= c["headroom_margin"]]
+    gap_ratio = nll_expert / nll_own if nll_expert is not None and nll_own else None
+    log(f"probe: headroom families {headroom}; expert/own NLL ratio {gap_ratio} ({time.time() - t0:.0f}s)")
 
     solve_rate = _mean(rates)
     unsolved_share = len(unsolved) / len(probs)
@@ -112,13 +130,18 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
             unsolved_share >= c["unsolved_min"] and guided_rate is not None and fresh_rate is not None
             and guided_rate > fresh_rate and guided_any < len(unsolved)),
         "expert_nll_higher": bool(nll_expert is not None and nll_own is not None and nll_expert > nll_own),
+        "headroom": bool(headroom),
+        "realistic_gap": bool(gap_ratio is not None and c["gap_ratio_min"] <= gap_ratio <= c["gap_ratio_max"]
+                              and nll_expert < c["gap_nll_max"]),
     }
     return {
         "probe_problems": len(probs),
         "n": n,
         "temperature": float(c["temperature"]),
         "solve_rate": solve_rate,
-        "solve_rate_by_family": {k: _mean(v) for k, v in sorted(by_family.items())},
+        "solve_rate_by_family": {f: m["solve_rate"] for f, m in families.items()},
+        "families": families,
+        "headroom_families": headroom,
         "finished_share": finished,
         "unsolved": len(unsolved),
         "unsolved_share": unsolved_share,
@@ -129,6 +152,7 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
         "unguided_solve_rate_on_unsolved_fresh": fresh_rate,
         "nll_expert": nll_expert,
         "nll_own_correct": nll_own,
+        "nll_ratio_expert_to_own": gap_ratio,
         "own_correct_samples": len(own),
         "checks": checks,
         "seconds": round(time.time() - t0, 1),

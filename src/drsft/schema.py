@@ -72,7 +72,7 @@ AutoBool = Annotated[Any, BeforeValidator(_auto_or_bool)]
 Backend = Literal["hf", "vllm"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Rule = Literal["random", "shortest", "highest_logprob"]          # drsft.rewrite.SELECTION_RULES
-Family = Literal["arith", "linear", "fraction", "decimal"]       # drsft.world.FAMILIES
+Family = Literal["arith", "linear", "fraction", "decimal", "precedence"]  # drsft.world.FAMILIES
 Loss = Literal["sft", "dft", "is", "is_dft"]                     # drsft.losses.LOSS_KINDS
 IsLevel = Literal["token", "sequence"]                           # drsft.losses.IS_LEVELS
 TrainData = Literal["rewritten", "expert"]                       # drsft.train.DATA_KINDS
@@ -134,6 +134,8 @@ class ToySection(_Section):
     mistake_rate: Fraction
     guided_frac: Fraction
     guided_mistake_rate: Fraction
+    misconception_rate: Fraction
+    textbook_frac: Fraction
     n_drills: NonNegInt
     drill_facts: PosInt
 
@@ -187,6 +189,11 @@ class ProbeSection(_Section):
     solve_rate_min: Fraction
     solve_rate_max: Fraction
     unsolved_min: Fraction
+    headroom_solve_max: Fraction
+    headroom_margin: Fraction
+    gap_ratio_min: PosNum
+    gap_ratio_max: PosNum
+    gap_nll_max: PosNum
     verify_workers: NonNegInt
     verify_timeout_s: PosNum
 
@@ -202,6 +209,15 @@ class ProbeSection(_Section):
         low = info.data.get("solve_rate_min")
         if low is not None and value < low:
             raise ValueError(f"must be >= prepare.probe.solve_rate_min ({low}) (got {value})")
+        return value
+
+
+    @field_validator("gap_ratio_max")
+    @classmethod
+    def _ratio(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("gap_ratio_min")
+        if low is not None and value < low:
+            raise ValueError(f"must be >= prepare.probe.gap_ratio_min ({low}) (got {value})")
         return value
 
 
@@ -369,6 +385,7 @@ class EvaluateSection(_Section):
     max_new_tokens: PosInt
     greedy: Bool                       # also a greedy (temperature 0) pass
     seed: Seed
+    n_boot: Annotated[int, Strict(), Field(ge=100)]   # bootstrap resamples of the 95 % intervals
 
     @field_validator("benchmarks")
     @classmethod

@@ -1,11 +1,12 @@
 """The embedded toy world: synthetic math problems, deterministic from a seed.
 
-Four families, each with answers that exercise a real verifier:
+Five families, each with answers that exercise a real verifier:
 
-* ``arith``    -- ``(a + b) \\times c - d``: integers, sometimes negative;
-* ``linear``   -- ``a x + b = c`` in one unknown: integers or simplified fractions, either sign;
-* ``fraction`` -- ``\\frac{a}{b} \\pm \\frac{c}{d}``: simplified fractions, integers, negatives;
-* ``decimal``  -- ``p \\times c \\pm q``: decimals such as ``3.75`` (and their negatives).
+* ``arith``      -- ``(a + b) \\times c - d``: integers, sometimes negative;
+* ``linear``     -- ``a x + b = c`` in one unknown: integers or simplified fractions, either sign;
+* ``fraction``   -- ``\\frac{a}{b} \\pm \\frac{c}{d}``: simplified fractions, integers, negatives;
+* ``decimal``    -- ``p \\times c \\pm q``: decimals such as ``3.75`` (and their negatives);
+* ``precedence`` -- ``a + b \\times c``: the family whose *method* the base model lacks (below).
 
 Every problem has two kinds of worked solution:
 
@@ -17,10 +18,27 @@ Every problem has two kinds of worked solution:
   deliberate mistake: one intermediate result is wrong and the error propagates to a wrong boxed
   answer.
 
-The tiny base model is pretrained on model-style solutions only (plus *guided* examples, whose
-prompt shows the expert solution as a hint), so expert demonstrations are off-policy for it.
-Its arithmetic comes from *fact drills* (:func:`fact_drills`): short texts of the corpus
-solutions' own facts in their wording ("7*2 is 14. 14-6 is 8."), a pretraining on arithmetic tables.
+The tiny base model is pretrained on chat examples with model-style responses (plus *guided*
+examples, whose prompt shows the expert solution as a hint and whose response follows it in the
+model's style), so expert demonstrations are off-policy for it. Two more kinds of pretraining text
+shape the world:
+
+* *fact drills* (:func:`fact_drills`): short texts of the corpus problems' arithmetic facts in the
+  model's wording ("7*2 is 14. 14-6 is 8."), a pretraining on arithmetic tables; they hold the
+  facts of either method of a family, so the model *can* execute the expert's steps;
+* *textbook answers* (``textbook_frac``): a share of the plain chat examples is answered in the
+  expert's own style, as real base models have read textbook solutions beside their own. This is
+  the policy-gap knob: without them the expert style is a language the model has never seen
+  (expert NLL ~9 nats/token); with more of them the expert demonstrations come closer to the
+  model's policy.
+
+**Headroom.** In ``precedence`` the model's own (plain-prompt) corpus solutions carry a
+misconception at ``misconception_rate``: they evaluate left to right, ``(a + b) \\times c``
+(:meth:`Precedence.misconceived`), a wrong method, not an arithmetic slip. Its guided examples
+follow the hint's correct method (multiplication first), and the expert demonstrations show it.
+So the base model gets the family wrong on its own, can solve it when shown the expert solution,
+and the expert data carries knowledge the model lacks: the paper's situation, which rewriting is
+meant to exploit (guided re-solves keep the method in the model's own style).
 
 Splits (:func:`make_world`): ``train`` problems (mixed families), one held-out benchmark per family
 named ``toy_<family>``, and a pretraining corpus whose problems are disjoint (by problem text) from
@@ -36,7 +54,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-FAMILIES = ("arith", "linear", "fraction", "decimal")
+FAMILIES = ("arith", "linear", "fraction", "decimal", "precedence")
 
 # ---------------------------------------------------------------------------------------------
 # Number formatting
@@ -133,6 +151,11 @@ class Family:
         """The arithmetic facts of the model-style solution, in its wording (``4+3 is 7``)."""
         raise NotImplementedError
 
+    def misconceived(self, p: dict[str, Any]) -> str | None:
+        """A model-style solution by a wrong *method* (a misconception), or None where the family
+        has none. Its answer is always wrong."""
+        return None
+
 
 def _verb(rng: random.Random) -> str:
     return rng.choice(["Compute", "Evaluate", "Find the value of"])
@@ -143,7 +166,7 @@ class Arith(Family):
     steps = ("s", "p", "r")
 
     def draw(self, rng):
-        return {"a": rng.randint(1, 5), "b": rng.randint(1, 5), "c": rng.randint(2, 3),
+        return {"a": rng.randint(1, 6), "b": rng.randint(1, 6), "c": rng.randint(2, 3),
                 "d": rng.randint(1, 9), "verb": _verb(rng)}
 
     def statement(self, p):
@@ -251,8 +274,8 @@ class FractionFamily(Family):
         b = rng.randint(2, 5)
         d = rng.choice([k for k in range(2, 6) if k != b])
         # numerators that do not make a whole number
-        return {"a": rng.choice([k for k in range(1, 7) if k % b]), "b": b,
-                "c": rng.choice([k for k in range(1, 7) if k % d]), "d": d,
+        return {"a": rng.choice([k for k in range(1, 8) if k % b]), "b": b,
+                "c": rng.choice([k for k in range(1, 8) if k % d]), "d": d,
                 "op": rng.choice(["+", "-"]), "verb": _verb(rng)}
 
     def statement(self, p):
@@ -362,7 +385,63 @@ class DecimalFamily(Family):
         return [f"{p['p']}*{p['c']} is {fmt_dec(v['m'])}", f"{fmt_dec(v['m'])}{p['op']}{p['q']} is {fmt_dec(v['r'])}"]
 
 
-FAMILY_IMPL: dict[str, Family] = {f.name: f for f in (Arith(), Linear(), FractionFamily(), DecimalFamily())}
+class Precedence(Family):
+    """``a + b \\times c``. The correct method multiplies first; the misconception evaluates left to
+    right, ``(a + b) \\times c``, which is never the right answer: the two agree only when
+    ``a c = a``, and the draw keeps ``a >= 1``, ``c >= 2``."""
+
+    name = "precedence"
+    steps = ("p", "r")
+
+    def draw(self, rng):
+        return {"a": rng.randint(1, 20), "b": rng.randint(2, 9), "c": rng.randint(2, 5), "verb": _verb(rng)}
+
+    def statement(self, p):
+        return f"{p['verb']} ${p['a']} + {p['b']} \\times {p['c']}$."
+
+    def compute(self, p, slip=None):
+        v: dict[str, Any] = {}
+
+        def put(k, x):
+            v[k] = slip[1] if slip and slip[0] == k else x
+
+        put("p", p["b"] * p["c"])
+        put("r", p["a"] + v["p"])
+        return v
+
+    def perturb(self, step, value, rng):
+        return _perturb_int(value, rng)
+
+    def answer(self, v):
+        return str(v["r"])
+
+    def expert(self, p, v):
+        return (f"Multiplication comes before addition: ${p['b']} \\times {p['c']} = {v['p']}$. "
+                f"Then add: ${p['a']} + {v['p']} = {v['r']}$. "
+                f"Therefore, the answer is $\\boxed{{{v['r']}}}$.")
+
+    def model(self, p, v):
+        return (f"We want {p['a']}+{p['b']}*{p['c']}. "
+                f"{p['b']}*{p['c']} is {v['p']}. "
+                f"{p['a']}+{v['p']} is {v['r']}. "
+                f"So \\boxed{{{v['r']}}}")
+
+    def misconceived(self, p):
+        s = p["a"] + p["b"]
+        return (f"We want {p['a']}+{p['b']}*{p['c']}. "
+                f"{p['a']}+{p['b']} is {s}. "
+                f"{s}*{p['c']} is {s * p['c']}. "
+                f"So \\boxed{{{s * p['c']}}}")
+
+    def facts(self, p, v):
+        # Both methods' arithmetic: the model knows its tables; what it lacks is the method.
+        s = p["a"] + p["b"]
+        return [f"{p['b']}*{p['c']} is {v['p']}", f"{p['a']}+{v['p']} is {v['r']}",
+                f"{p['a']}+{p['b']} is {s}", f"{s}*{p['c']} is {s * p['c']}"]
+
+
+FAMILY_IMPL: dict[str, Family] = {f.name: f for f in (Arith(), Linear(), FractionFamily(), DecimalFamily(),
+                                                      Precedence())}
 
 
 def family(name: str) -> Family:
@@ -389,10 +468,17 @@ def expert_solution(tp: ToyProblem) -> str:
     return family(tp.family).expert(tp.params, tp.values)
 
 
-def model_solution(tp: ToyProblem, rng: random.Random, mistake_rate: float = 0.0) -> tuple[str, bool]:
-    """A solution in the model's own style; with probability ``mistake_rate`` one intermediate
-    result is wrong and the error propagates to the boxed answer. Returns ``(text, correct)``."""
+def model_solution(tp: ToyProblem, rng: random.Random, mistake_rate: float = 0.0,
+                   misconception_rate: float = 0.0) -> tuple[str, bool]:
+    """A solution in the model's own style. In a family with a misconception
+    (:meth:`Family.misconceived`), with probability ``misconception_rate`` it uses the wrong
+    method; otherwise, with probability ``mistake_rate`` one intermediate result is wrong and the
+    error propagates to the boxed answer. Returns ``(text, correct)``."""
     fam = family(tp.family)
+    if misconception_rate and rng.random() < misconception_rate:
+        wrong = fam.misconceived(tp.params)
+        if wrong is not None:
+            return wrong, False
     if rng.random() >= mistake_rate:
         return fam.model(tp.params, tp.values), True
     step = rng.choice(fam.steps)
@@ -493,29 +579,41 @@ class PretrainExample:
 
 
 def pretraining_examples(corpus: list[ToyProblem], seed: int = 0, mistake_rate: float = 0.25,
-                         guided_frac: float = 0.3, guided_mistake_rate: float = 0.05) -> list[PretrainExample]:
+                         guided_frac: float = 0.3, guided_mistake_rate: float = 0.05,
+                         misconception_rate: float = 0.0, textbook_frac: float = 0.0) -> list[PretrainExample]:
     """One example per corpus problem, deterministic from ``seed``: with probability
-    ``guided_frac`` a guided example (the expert solution as hint, a mostly correct model-style
-    answer with mistakes at ``guided_mistake_rate``), else a plain one with mistakes at
-    ``mistake_rate``."""
+    ``guided_frac`` a guided example (the expert solution as hint, a model-style answer that
+    follows the hint's method, with slips at ``guided_mistake_rate``), else a plain one. A plain
+    example of a family without a misconception is, with probability ``textbook_frac``, answered in
+    the expert's textbook style (the expert solution, correct); otherwise in the model's style with
+    slips at ``mistake_rate`` and, in a family with a misconception, the wrong method at
+    ``misconception_rate`` (the textbook the model read never covered that family)."""
     for name, x in (("mistake_rate", mistake_rate), ("guided_frac", guided_frac),
-                    ("guided_mistake_rate", guided_mistake_rate)):
+                    ("guided_mistake_rate", guided_mistake_rate), ("misconception_rate", misconception_rate),
+                    ("textbook_frac", textbook_frac)):
         if not 0.0 <= x <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {x}")
     rng = random.Random(seed * 1_000_003 + 3)
     out = []
     for tp in corpus:
         guided = rng.random() < guided_frac
-        text, ok = model_solution(tp, rng, guided_mistake_rate if guided else mistake_rate)
+        textbook = rng.random() < textbook_frac
+        if guided:
+            text, ok = model_solution(tp, rng, guided_mistake_rate)
+        elif textbook and family(tp.family).misconceived(tp.params) is None:
+            text, ok = expert_solution(tp), True
+        else:
+            text, ok = model_solution(tp, rng, mistake_rate, misconception_rate)
         out.append(PretrainExample(tp.problem, expert_solution(tp) if guided else None, text, ok))
     return out
 
 
 def fact_drills(corpus: list[ToyProblem], n_drills: int, facts_per_drill: int = 8, seed: int = 0) -> list[str]:
     """Arithmetic-table drills for pretraining: ``n_drills`` short texts, each ``facts_per_drill``
-    correct facts of the corpus problems' model-style solutions, in the same wording
-    (``"4+3 is 7. 7*2 is 14. ..."``). The fact pool is the corpus's facts (held-out problems
-    contribute none), shuffled and cycled deterministically from ``seed``."""
+    correct facts of the corpus problems, in the model-style solutions' wording
+    (``"4+3 is 7. 7*2 is 14. ..."``), for both methods where a family has a misconception. The pool
+    holds each corpus problem's facts (held-out problems contribute none), so a fact is drilled as
+    often as the corpus uses it; it is shuffled and cycled deterministically from ``seed``."""
     if n_drills < 0 or facts_per_drill < 1:
         raise ValueError("fact drills need n_drills >= 0 and facts_per_drill >= 1")
     pool = [f for tp in corpus for f in family(tp.family).facts(tp.params, tp.values)]

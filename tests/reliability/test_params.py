@@ -119,7 +119,7 @@ BAD = [
     ("duplicate_benchmark", lambda d: d["evaluate"].update(benchmarks=["toy_arith", "toy_arith"]),
      "evaluate.benchmarks", "duplicate benchmark 'toy_arith'"),
     ("unknown_family", lambda d: d["prepare"]["toy"].update(families=["arith", "calculus"]),
-     "prepare.toy.families[1]", "must be one of 'arith', 'linear', 'fraction', 'decimal'"),
+     "prepare.toy.families[1]", "must be one of 'arith', 'linear', 'fraction', 'decimal', 'precedence'"),
     ("unknown_backend", lambda d: d["rollout"].update(backend="sglang"), "rollout.backend", "must be one of 'hf', 'vllm'"),
     ("unknown_dtype", lambda d: d["rollout"].update(dtype="fp16"), "rollout.dtype", "(got 'fp16')"),
     ("unknown_rule", lambda d: d["self_align"].update(rule="longest"), "self_align.rule", "'highest_logprob'"),

@@ -1,0 +1,123 @@
+"""Beyond the paper: how the benefit of rewriting changes with the policy gap.
+
+The embedded world's gap knob is ``prepare.toy.textbook_frac``, the share of pretraining problems the
+base model has also read as textbook pages in the expert's style (drsft.world.textbook_documents).
+For each setting this runs the ablation (``scripts/ablation.py``: the four arms x ``--seeds`` training
+seeds as queued ``dvc exp run``s; the first experiment of a setting pretrains its base model, the
+others reuse it from DVC's run cache), reads the *measured* gap -- the probe's mean per-token NLL of
+the expert demonstrations under that base model, ``metrics/prepare.json`` world.nll_expert -- and
+writes:
+
+* ``metrics/gap_sweep.json``: per setting the measured gap and every arm's mean avg@k with its 95 %
+  interval and the paired differences (as ``metrics/ablation.json``);
+* ``metrics/plots/gap_sweep.csv``: one row per setting (``dvc plots show`` draws each arm's accuracy
+  against the measured gap, the ``gap_sweep`` plot of dvc.yaml);
+* ``docs/gap_sweep.png``: the same with interval bars (matplotlib).
+
+    python scripts/gap_sweep.py                         # textbook_frac 0, 0.1, 0.3 (and 3 seeds)
+    python scripts/gap_sweep.py --values 0,0.05,0.2,0.5 --seeds 2 --skip-existing
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ablation import ablation, exp_name, experiments  # noqa: E402
+from drsft.ablation import ARMS  # noqa: E402
+from drsft.io import write_csv, write_json  # noqa: E402
+from drsft.params import load_params  # noqa: E402
+
+KNOB = "prepare.toy.textbook_frac"
+
+
+def tag_for(value: float, default: float) -> str:
+    """The experiments' tag: none for the workspace's own setting (its arms are `make ablation`'s)."""
+    return "" if value == default else f"tb{value:g}"
+
+
+def plot_png(rows: list[dict], arms: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for arm in arms:
+        xs = [r["nll_expert"] for r in rows]
+        ys = [100 * r[arm] for r in rows]
+        err = [[100 * (r[arm] - r[f"{arm}_low"]) for r in rows], [100 * (r[f"{arm}_high"] - r[arm]) for r in rows]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="base model" if arm == "base" else arm)
+    for r in rows:
+        ax.annotate(f"textbook {r['textbook_frac']:g}", (r["nll_expert"], 0), textcoords="offset points",
+                    xytext=(0, 4), ha="center", fontsize=7, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("expert NLL under the base model (nats/token, measured by the probe; log scale)")
+    ax.set_ylabel("avg@k accuracy (%), mean over seeds, 95 % interval")
+    ax.set_title("drsft embedded world: accuracy vs policy gap")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@click.command()
+@click.option("--values", default="0,0.1,0.3", show_default=True, help=f"comma-separated settings of {KNOB}")
+@click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--n-boot", type=click.IntRange(min=100), default=2000, show_default=True)
+@click.option("--skip-existing", is_flag=True, help="a setting whose experiments all exist is summarized, not rerun")
+@click.option("--png", default="docs/gap_sweep.png", show_default=True)
+def main(values, n_seeds, jobs, n_boot, skip_existing, png):
+    settings = [float(v) for v in values.split(",") if v.strip()]
+    params = load_params("params.yaml")
+    default = float(params["prepare"]["toy"]["textbook_frac"])
+    seeds = [int(params["train"]["seed"]) + i for i in range(n_seeds)]
+    results = {}
+    for v in settings:
+        tag = tag_for(v, default)
+        names = [exp_name(a, tag, s) for a, _, _ in ARMS for s in seeds]
+        # The workspace's own setting is `make ablation`'s: reuse its experiments when they exist.
+        done = (skip_existing or not tag) and all(n in experiments() for n in names)
+        click.echo(f"== {KNOB}={v:g} ({'summarize existing' if done else 'run'}) ==", err=True)
+        results[v] = ablation(ARMS, seeds, tag, (f"{KNOB}={v:g}",) if tag else (), jobs, done, n_boot,
+                              f"metrics/ablation-{tag}.json" if tag else "metrics/ablation.json")
+    arms = ["base"] + [a for a, _, _ in ARMS]
+    rows = []
+    for v in settings:
+        r = results[v]
+        row = {"textbook_frac": v, "nll_expert": r["world"].get("nll_expert"),
+               "nll_ratio": r["world"].get("nll_ratio_expert_to_own")}
+        for arm in arms:
+            a = r["arms"][arm]
+            row[arm], (row[f"{arm}_low"], row[f"{arm}_high"]) = a["avg_at_k"], a["avg_at_k_ci"]
+        for name, c in r["comparisons"].items():
+            row[name] = c["diff"]
+        rows.append(row)
+    rows.sort(key=lambda r: r["nll_expert"])
+    write_json("metrics/gap_sweep.json", {"knob": KNOB, "seeds": seeds, "settings": rows,
+                                          "per_setting": {f"{v:g}": {k: r[k] for k in ("world", "arms", "comparisons")}
+                                                          for v, r in results.items()}})
+    columns = list(rows[0])
+    write_csv("metrics/plots/gap_sweep.csv", rows, columns)
+    plot_png(rows, arms, png)
+    click.echo("| textbook_frac | expert NLL | ratio to own | " + " | ".join(arms) + " | DR+DFT − DFT | DR+SFT − SFT |")
+    click.echo("|" + "---|" * (5 + len(arms)))
+    for r in rows:
+        cells = " | ".join(f"{100 * r[a]:.1f} [{100 * r[a + '_low']:.1f}, {100 * r[a + '_high']:.1f}]" for a in arms)
+        comp = results[r["textbook_frac"]]["comparisons"]
+        diffs = " | ".join(f"{100 * comp[c]['diff']:+.1f} [{100 * comp[c]['diff_ci'][0]:+.1f}, {100 * comp[c]['diff_ci'][1]:+.1f}]"
+                           for c in ("dr-dft_vs_dft", "dr-sft_vs_sft"))
+        click.echo(f"| {r['textbook_frac']:g} | {r['nll_expert']:.3f} | {r['nll_ratio']:.1f} | {cells} | {diffs} |")
+    click.echo(f"wrote metrics/gap_sweep.json, metrics/plots/gap_sweep.csv, {png}", err=True)
+
+
+if __name__ == "__main__":
+    main()
