@@ -6,8 +6,9 @@ write ``metrics/ablation.json`` and print the table with 95 % intervals.
    -S train.loss=... -S train.seed=<seed>``. A queued experiment snapshots the workspace and runs in
    its own temporary directory, so the workspace is never touched.
 3. ``dvc exp run --run-all --jobs N`` runs the queue. Every stage upstream of ``train`` comes from the
-   DVC cache, so per experiment only ``train`` and ``evaluate`` run; the script prints, for each, the
-   stages its log shows running.
+   DVC cache, so per experiment only ``train`` and ``evaluate`` run (the tier ablation's arm,
+   ``--with-noguided``, also reruns ``guided_align`` with ``n`` 0 and ``fallback``); the script
+   prints, for each, the stages its log shows running.
 4. The per-problem scores of every experiment (``data/evaluate/<benchmark>.jsonl`` at the
    experiment's commit, read from the DVC cache through ``dvc.api.DVCFileSystem``) and of the base
    model go to :func:`drsft.ablation.summarize`: mean avg@k per arm over seeds and problems, a 95 %
@@ -17,6 +18,7 @@ write ``metrics/ablation.json`` and print the table with 95 % intervals.
 
     python scripts/ablation.py                      # four arms x 3 seeds
     python scripts/ablation.py --seeds 5 --with-is  # more seeds, plus rewritten+is and rewritten+is_dft
+    python scripts/ablation.py --with-noguided      # plus DR+DFT without guided re-solving (DR+DFT vs it)
     python scripts/ablation.py --table-only         # recompute the summary from existing experiments
     python scripts/ablation.py --plots ablation_plots
     python scripts/ablation.py --set train.lr=1e-4 --tag lr1e-4   # the arms at another setting
@@ -34,7 +36,8 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from drsft.ablation import ARMS, IS_ARMS, PAIRS, format_tables, summarize  # noqa: E402
+from drsft.ablation import (ARM_OVERRIDES, ARMS, EXTRA_PAIRS, IS_ARMS, NOGUIDED_ARMS, PAIRS,  # noqa: E402
+                            format_tables, summarize)
 from drsft.io import iter_jsonl_stream, write_json  # noqa: E402
 from drsft.params import load_params  # noqa: E402
 from drsft.stats import problem_scores  # noqa: E402
@@ -51,16 +54,20 @@ def exp_name(arm: str, tag: str, seed: int) -> str:
     return f"{arm}-{tag}-s{seed}" if tag else f"{arm}-s{seed}"
 
 
-def _walk(node, found: dict) -> None:
-    """Collect {experiment name: (rev, data)} from `dvc exp show --json`, whatever its nesting."""
+def _walk(node, found: dict, state: str | None = None) -> None:
+    """Collect {experiment name: (rev, data)} of the finished experiments in `dvc exp show --json`,
+    whatever its nesting: a queued, running or failed one (its executor's state) is left out."""
     if isinstance(node, dict):
-        if isinstance(node.get("data"), dict) and node.get("name") and node.get("rev"):
+        if "executor" in node:
+            state = (node.get("executor") or {}).get("state")
+        if (isinstance(node.get("data"), dict) and node.get("name") and node.get("rev") and not node.get("error")
+                and state in (None, "success")):
             found.setdefault(node["name"], (node["rev"], node["data"]))
         for v in node.values():
-            _walk(v, found)
+            _walk(v, found, state)
     elif isinstance(node, list):
         for v in node:
-            _walk(v, found)
+            _walk(v, found, state)
 
 
 def experiments() -> dict[str, tuple[str, dict]]:
@@ -82,8 +89,9 @@ def untracked_outputs() -> list[str]:
     return [f for f in out if not re.fullmatch(r"metrics/(ablation|gap_sweep)[^/]*\.json|metrics/plots/gap_sweep\.csv", f)]
 
 
-def run_experiments(names: dict[str, list[str]], jobs: int) -> None:
-    """Queue ``{experiment name: [-S overrides]}``, run the queue, report what each ran."""
+def run_experiments(names: dict[str, list[str]], jobs: int, keep_existing: bool = False) -> None:
+    """Queue ``{experiment name: [-S overrides]}``, run the queue, report what each ran. An experiment
+    of that name on this commit is replaced, or kept (not rerun) with ``keep_existing``."""
     _dvc("repro")  # the shared upstream stages, once (a no-op when up to date)
     missing = untracked_outputs()
     if missing:
@@ -92,6 +100,11 @@ def run_experiments(names: dict[str, list[str]], jobs: int) -> None:
             "experiment starts from a git snapshot, so its stages would rerun in every arm and its metrics would "
             "be missing from the table: commit them first (`git add metrics dvclive && git commit`)")
     existing = set(_dvc("exp", "list", "--all-commits", "--name-only").split())
+    if keep_existing:
+        kept = set(experiments()) & set(names)
+        for name in sorted(kept):
+            click.echo(f"{name}: kept (exists on this commit)", err=True)
+        names = {n: s for n, s in names.items() if n not in kept}
     for name, sets in names.items():
         if name in existing:
             _dvc("exp", "remove", name)
@@ -150,14 +163,20 @@ def collect(arms: list[tuple[str, str, str]], seeds: list[int], tag: str) -> tup
     return scores, {a: (d, loss) for a, d, loss in arms}, context
 
 
+def experiment_sets(arms, seeds: list[int], tag: str, overrides: tuple[str, ...]) -> dict[str, list[str]]:
+    """``{experiment name: its -S overrides}``: the arm's data, loss and seed, the arm's own upstream
+    overrides (drsft.ablation.ARM_OVERRIDES), then the ones every arm shares."""
+    return {exp_name(a, tag, s): [f"train.data={d}", f"train.loss={loss}", f"train.seed={s}",
+                                  *ARM_OVERRIDES.get(a, ()), *overrides]
+            for a, d, loss in arms for s in seeds}
+
+
 def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs: int, table_only: bool,
-             n_boot: int, out: str) -> dict:
+             n_boot: int, out: str, keep_existing: bool = False) -> dict:
     if not table_only:
-        names = {exp_name(a, tag, s): [f"train.data={d}", f"train.loss={loss}", f"train.seed={s}", *overrides]
-                 for a, d, loss in arms for s in seeds}
-        run_experiments(names, jobs)
+        run_experiments(experiment_sets(arms, seeds, tag, overrides), jobs, keep_existing)
     scores, info, context = collect(arms, seeds, tag)
-    summary = summarize(scores, PAIRS, n_boot=n_boot)
+    summary = summarize(scores, PAIRS + EXTRA_PAIRS, n_boot=n_boot)  # pairs naming an absent arm are skipped
     result = {"seeds": seeds, "n_boot": n_boot, "level": 0.95, "overrides": list(overrides), **context, **summary}
     write_json(out, result)
     click.echo(format_tables(summary, info))
@@ -171,6 +190,8 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
 @click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="training seeds per arm: train.seed = params.yaml's train.seed + 0 .. N-1")
 @click.option("--with-is", is_flag=True, help="also run the importance-sampling arms (drsft's extensions)")
+@click.option("--with-noguided", is_flag=True,
+              help="also run the tier ablation dr-noguided-dft (guided_align.n=0: no guided re-solving)")
 @click.option("--table-only", is_flag=True, help="do not run; summarize the existing experiments")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="queued experiments run at once (dvc exp run --run-all --jobs)")
@@ -180,10 +201,10 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
 @click.option("--tag", default="", help="part of the experiment names (sft-<tag>-s0, ...) and of the output file")
 @click.option("--n-boot", type=click.IntRange(min=100), default=2000, show_default=True, help="bootstrap resamples")
 @click.option("--out", default=None, help="summary file [default: metrics/ablation.json, or metrics/ablation-<tag>.json]")
-def main(n_seeds, with_is, table_only, jobs, plots_dir, overrides, tag, n_boot, out):
+def main(n_seeds, with_is, with_noguided, table_only, jobs, plots_dir, overrides, tag, n_boot, out):
     if overrides and not tag:
         raise click.UsageError("--set needs a --tag, so that these arms do not replace the default ones")
-    arms = ARMS + (IS_ARMS if with_is else [])
+    arms = ARMS + (IS_ARMS if with_is else []) + (NOGUIDED_ARMS if with_noguided else [])
     base_seed = int(load_params("params.yaml")["train"]["seed"])
     seeds = [base_seed + i for i in range(n_seeds)]
     ablation(arms, seeds, tag, overrides, jobs, table_only, n_boot,

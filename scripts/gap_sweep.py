@@ -1,18 +1,19 @@
 """Beyond the paper: how the benefit of rewriting changes with the policy gap.
 
-The embedded world's gap knob is ``prepare.toy.textbook_frac``, the share of pretraining problems the
-base model has also read as textbook pages in the expert's style (drsft.world.textbook_documents).
+The embedded world's gap knob is ``prepare.toy.textbook_frac``, the share of the base model's plain
+pretraining examples answered in the expert's textbook style (drsft.world.pretraining_examples). It
+changes the base model as well as the gap: each setting is its own world.
 For each setting this runs the ablation (``scripts/ablation.py``: the four arms x ``--seeds`` training
 seeds as queued ``dvc exp run``s; the first experiment of a setting pretrains its base model, the
 others reuse it from DVC's run cache), reads the *measured* gap -- the probe's mean per-token NLL of
-the expert demonstrations under that base model, ``metrics/prepare.json`` world.nll_expert -- and
-writes:
+the expert demonstrations under that base model and its ratio to the NLL of the model's own correct
+solutions, ``metrics/prepare.json`` world.nll_expert and nll_ratio_expert_to_own -- and writes:
 
 * ``metrics/gap_sweep.json``: per setting the measured gap and every arm's mean avg@k with its 95 %
   interval and the paired differences (as ``metrics/ablation.json``);
 * ``metrics/plots/gap_sweep.csv``: one row per setting (``dvc plots show`` draws each arm's accuracy
-  against the measured gap, the ``gap_sweep`` plot of dvc.yaml);
-* ``docs/gap_sweep.png``: the same with interval bars (matplotlib).
+  against the measured NLL ratio, the ``gap_sweep`` plot of dvc.yaml);
+* ``docs/gap_sweep.png``: the same with interval bars, and the paired differences (matplotlib).
 
     python scripts/gap_sweep.py                         # textbook_frac 0, 0.1, 0.3 (and 3 seeds)
     python scripts/gap_sweep.py --values 0,0.05,0.2,0.5 --seeds 2 --skip-existing
@@ -20,6 +21,7 @@ writes:
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -41,31 +43,60 @@ def tag_for(value: float, default: float) -> str:
     return "" if value == default else f"tb{value:g}"
 
 
-def plot_png(rows: list[dict], arms: list[str], path: str) -> None:
+LABELS = {"base": "base model", "sft": "SFT", "dft": "DFT", "dr-sft": "DR+SFT", "dr-dft": "DR+DFT"}
+DIFFS = {"dr-dft_vs_dft": "DR+DFT − DFT", "dr-sft_vs_sft": "DR+SFT − SFT", "dr-dft_vs_base": "DR+DFT − base"}
+
+
+def plot_png(rows: list[dict], arms: list[str], comparisons: dict, path: str) -> None:
+    """Two panels against the measured gap (expert / own-solution NLL ratio, log scale): each arm's
+    accuracy, and the paired differences, with their 95 % intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    xs = [r["nll_ratio"] for r in rows]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for arm in arms:
-        xs = [r["nll_expert"] for r in rows]
         ys = [100 * r[arm] for r in rows]
         err = [[100 * (r[arm] - r[f"{arm}_low"]) for r in rows], [100 * (r[f"{arm}_high"] - r[arm]) for r in rows]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="base model" if arm == "base" else arm)
-    for r in rows:
-        ax.annotate(f"textbook {r['textbook_frac']:g}", (r["nll_expert"], 0), textcoords="offset points",
-                    xytext=(0, 4), ha="center", fontsize=7, color="grey")
-    ax.set_xscale("log")
-    ax.set_xlabel("expert NLL under the base model (nats/token, measured by the probe; log scale)")
-    ax.set_ylabel("avg@k accuracy (%), mean over seeds, 95 % interval")
-    ax.set_title("drsft embedded world: accuracy vs policy gap")
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=LABELS.get(arm, arm))
+    for name, label in DIFFS.items():
+        cs = [comparisons[r["textbook_frac"]][name] for r in rows]
+        ys = [100 * c["diff"] for c in cs]
+        err = [[100 * (c["diff"] - c["diff_ci"][0]) for c in cs], [100 * (c["diff_ci"][1] - c["diff"]) for c in cs]]
+        bx.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+    bx.axhline(0, color="grey", lw=0.8)
+    from matplotlib.ticker import NullFormatter
+
+    for a in (ax, bx):
+        a.set_xscale("log")
+        a.set_xticks(xs)
+        a.set_xticklabels([f"×{r['nll_ratio']:.0f}\ntextbook {r['textbook_frac']:g}" for r in rows], fontsize=8)
+        a.xaxis.set_minor_formatter(NullFormatter())
+        a.set_xlabel("expert / own-solution NLL under the base model (measured; log scale)")
+        a.grid(alpha=0.3)
+    ax.set_ylabel("avg@k accuracy (%): mean over seeds, 95 % interval")
+    ax.set_title("each arm")
+    bx.set_ylabel("difference (points), paired, 95 % interval")
+    bx.set_title("the paper's comparisons")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    bx.legend(fontsize=8)
+    fig.suptitle("drsft embedded world: the policy-gap sweep (prepare.toy.textbook_frac)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _current_ablation(seeds: list[int], value: float) -> bool:
+    """Whether metrics/ablation.json (`make ablation`) holds the four arms at this setting and seeds."""
+    path = Path("metrics/ablation.json")
+    if not path.exists():
+        return False
+    a = json.loads(path.read_text())
+    return (a.get("seeds") == seeds and a.get("textbook_frac") == value and not a.get("overrides")
+            and all(arm in a.get("arms", {}) for arm, _, _ in ARMS))
 
 
 @click.command()
@@ -73,7 +104,7 @@ def plot_png(rows: list[dict], arms: list[str], path: str) -> None:
 @click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--n-boot", type=click.IntRange(min=100), default=2000, show_default=True)
-@click.option("--skip-existing", is_flag=True, help="a setting whose experiments all exist is summarized, not rerun")
+@click.option("--skip-existing", is_flag=True, help="experiments that exist on this commit are kept, not rerun")
 @click.option("--png", default="docs/gap_sweep.png", show_default=True)
 def main(values, n_seeds, jobs, n_boot, skip_existing, png):
     settings = [float(v) for v in values.split(",") if v.strip()]
@@ -83,12 +114,16 @@ def main(values, n_seeds, jobs, n_boot, skip_existing, png):
     results = {}
     for v in settings:
         tag = tag_for(v, default)
+        if not tag and _current_ablation(seeds, v):
+            click.echo(f"== {KNOB}={v:g} (the workspace's setting: metrics/ablation.json) ==", err=True)
+            results[v] = json.loads(Path("metrics/ablation.json").read_text())
+            continue
         names = [exp_name(a, tag, s) for a, _, _ in ARMS for s in seeds]
         # The workspace's own setting is `make ablation`'s: reuse its experiments when they exist.
         done = (skip_existing or not tag) and all(n in experiments() for n in names)
         click.echo(f"== {KNOB}={v:g} ({'summarize existing' if done else 'run'}) ==", err=True)
         results[v] = ablation(ARMS, seeds, tag, (f"{KNOB}={v:g}",) if tag else (), jobs, done, n_boot,
-                              f"metrics/ablation-{tag}.json" if tag else "metrics/ablation.json")
+                              f"metrics/ablation-{tag}.json" if tag else "metrics/ablation.json", skip_existing)
     arms = ["base"] + [a for a, _, _ in ARMS]
     rows = []
     for v in settings:
@@ -101,13 +136,13 @@ def main(values, n_seeds, jobs, n_boot, skip_existing, png):
         for name, c in r["comparisons"].items():
             row[name] = c["diff"]
         rows.append(row)
-    rows.sort(key=lambda r: r["nll_expert"])
+    rows.sort(key=lambda r: r["nll_ratio"])
     write_json("metrics/gap_sweep.json", {"knob": KNOB, "seeds": seeds, "settings": rows,
                                           "per_setting": {f"{v:g}": {k: r[k] for k in ("world", "arms", "comparisons")}
                                                           for v, r in results.items()}})
     columns = list(rows[0])
     write_csv("metrics/plots/gap_sweep.csv", rows, columns)
-    plot_png(rows, arms, png)
+    plot_png(rows, arms, {v: results[v]["comparisons"] for v in settings}, png)
     click.echo("| textbook_frac | expert NLL | ratio to own | " + " | ".join(arms) + " | DR+DFT − DFT | DR+SFT − SFT |")
     click.echo("|" + "---|" * (5 + len(arms)))
     for r in rows:

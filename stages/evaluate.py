@@ -54,7 +54,7 @@ def main(params_path, model_dir, benchmarks_dir, out, metrics, plot_csv):
     backend = make_backend(roll["backend"], resolve_model(model_dir), dtype=roll["dtype"],
                            trust_remote_code=trust, tensor_parallel_size=roll["tensor_parallel_size"],
                            gpu_memory_utilization=roll["gpu_memory_utilization"],
-                           data_parallel_size=roll["data_parallel_size"])
+                           data_parallel_size=roll["data_parallel_size"], stop_token_ids=roll["stop_token_ids"])
     results, scores = {}, {}
     for name, problems in sets.items():
         m, preds = evaluate_benchmark(backend, problems, prompt_cfg, cfg, verify_cfg, int(roll["batch_size"]))

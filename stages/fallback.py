@@ -18,7 +18,7 @@ from drsft.io import read_problem_ids, read_problems, read_training_rows, write_
 from drsft.models import load_model, load_tokenizer  # noqa: E402
 from drsft.params import load_params, section  # noqa: E402
 from drsft.prompts import encode_response, render_prompt  # noqa: E402
-from drsft.rewrite import nll_histogram, rewrite_metrics, training_row  # noqa: E402
+from drsft.rewrite import dropped_rows, nll_histogram, rewrite_metrics, training_row  # noqa: E402
 from drsft.scoring import score_responses  # noqa: E402
 from drsft.stage import clear_errors, log  # noqa: E402
 
@@ -29,13 +29,16 @@ from drsft.stage import clear_errors, log  # noqa: E402
 @click.option("--self-rows", default="data/self_align/selected.jsonl", show_default=True)
 @click.option("--guided-rows", default="data/guided_align/selected.jsonl", show_default=True)
 @click.option("--unsolved", default="data/guided_align/unsolved.jsonl", show_default=True)
+@click.option("--self-metrics", default="metrics/self_align.json", show_default=True)
+@click.option("--guided-metrics", default="metrics/guided_align.json", show_default=True)
 @click.option("--model", "model_dir", default="models/base", show_default=True)
 @click.option("--out", default="data/train", show_default=True)
 @click.option("--metrics", default="metrics/rewrite.json", show_default=True)
 @click.option("--plot-csv", default="metrics/plots/nll_hist.csv", show_default=True)
 @click.option("--tiers-csv", default="metrics/plots/tiers.csv", show_default=True)
 @clear_errors
-def main(params_path, problems, self_rows, guided_rows, unsolved, model_dir, out, metrics, plot_csv, tiers_csv):
+def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, guided_metrics, model_dir, out, metrics,
+         plot_csv, tiers_csv):
     params = load_params(params_path)
     cfg, prompt_cfg = section(params, "fallback"), section(params, "prompt")
     trust = section(params, "model")["trust_remote_code"]
@@ -44,6 +47,7 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, model_dir, out
     # every input is read and checked before the model is loaded
     still_unsolved = set(read_problem_ids(unsolved, known))
     tiers = read_training_rows(self_rows, known) + read_training_rows(guided_rows, known)
+    dropped = dropped_rows(self_metrics, guided_metrics)
     tok = load_tokenizer(model_dir, trust_remote_code=trust)
     model = load_model(model_dir, trust_remote_code=trust)
 
@@ -66,7 +70,7 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, model_dir, out
     write_jsonl(out / "rewritten.jsonl", rewritten)
     write_jsonl(out / "expert.jsonl", expert)
     write_csv(plot_csv, nll_histogram(rewritten, expert), ["nll", "expert", "rewritten"])
-    m = rewrite_metrics(rewritten, expert)
+    m = {**rewrite_metrics(rewritten, expert), "dropped": dropped}
     write_json(metrics, m)
     write_csv(tiers_csv, [{"tier": t, "problems": v["count"], "share": v["share"]} for t, v in m["tiers"].items()],
               ["tier", "problems", "share"])

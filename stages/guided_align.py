@@ -1,5 +1,9 @@
 """guided_align: re-solve unsolved problems with the expert solution as a hint; keep standalone re-solves.
 
+``guided_align.n: 0`` skips re-solving (the tier ablation "DR without guided re-solving"): no
+generation, empty ``resolves.jsonl``/``selected.jsonl``, and every unsolved problem is passed on to
+``fallback``.
+
 A kept re-solve becomes a training example on the *plain* prompt (no hint). It carries two
 log-prob vectors, each from one forward pass of the base model: under the guided prompt (the
 behaviour policy that actually produced it; recorded at sampling time) and under the plain prompt
@@ -61,6 +65,15 @@ def _scoring_model(state, model_path, dtype, trust):
     return load_model(model_path, dtype=dtype, trust_remote_code=trust)
 
 
+def dropped_counts(status: Counter) -> dict:
+    """Correct re-solves the filters removed: ``truncated`` (cut at max_new_tokens) and ``leak``
+    (phrase or copy), with ``leak_share`` the share of the correct, finished re-solves it removed."""
+    leak = status.get("leak_phrase", 0) + status.get("leak_copy", 0)
+    finished_correct = leak + status.get("kept", 0)
+    return {"truncated": status.get("truncated", 0), "leak": leak,
+            "leak_share": leak / finished_correct if finished_correct else 0.0}
+
+
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 @click.option("--problems", default="data/prepare/train.jsonl", show_default=True)
@@ -87,7 +100,9 @@ def main(params_path, problems, unsolved, model_dir, out, shards, metrics, progr
 
     tok = load_tokenizer(model_dir, trust_remote_code=trust)
     guided_prompt = {p["id"]: render_prompt(tok, p["problem"], prompt_cfg, hint=p["solution"]) for p in todo}
-    sp = SamplingParams(n=int(cfg["n"]), temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
+    # guided_align.n 0 is the tier ablation: no re-solving, every unsolved problem falls back.
+    generate = int(cfg["n"]) > 0
+    sp = SamplingParams(n=max(int(cfg["n"]), 1), temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
                         max_new_tokens=int(cfg["max_new_tokens"]), seed=seed, batch_size=int(roll["batch_size"]))
     # What determines the shards' content (run_sharded deletes shards of any other fingerprint).
     inputs = {"guided_align": {k: cfg[k] for k in GENERATION_KEYS}, "rollout": policy_identity(roll), "prompt": prompt_cfg,
@@ -103,7 +118,7 @@ def main(params_path, problems, unsolved, model_dir, out, shards, metrics, progr
             roll["backend"], model_path, dtype=roll["dtype"], trust_remote_code=trust,
             tensor_parallel_size=roll["tensor_parallel_size"],
             gpu_memory_utilization=roll["gpu_memory_utilization"],
-            data_parallel_size=roll["data_parallel_size"])
+            data_parallel_size=roll["data_parallel_size"], stop_token_ids=roll["stop_token_ids"])
         if progress:
             from tqdm.auto import tqdm
 
@@ -120,21 +135,23 @@ def main(params_path, problems, unsolved, model_dir, out, shards, metrics, progr
         check_sample_records([p["id"] for p in chunk], sp.n, records)
 
     out = Path(out)
-    try:
-        run = run_sharded(todo, Path(shards) if shards else out / "shards", shard_size, inputs, process,
-                          validate=validate, on_start=on_start)
+    try:  # without re-solving (n 0): no shards, and as for any other fingerprint, old shards are deleted
+        run = run_sharded(todo if generate else [], Path(shards) if shards else out / "shards", shard_size, inputs,
+                          process, validate=validate, on_start=on_start)
     finally:
         if state["bar"] is not None:
             state["bar"].close()
     samples = [rec for path in run.paths for rec in read_jsonl(path)]
     verdicts = verify_batch([(r["response"], by_id[r["problem_id"]]["answer"]) for r in samples],
-                            workers=int(verify_cfg["workers"]), timeout_s=float(verify_cfg["timeout_s"]))
+                            workers=int(verify_cfg["workers"]), timeout_s=float(verify_cfg["timeout_s"]),
+                            mode=verify_cfg["mode"])
     resolves, status_counts = [], Counter()
     for rec, v in zip(samples, verdicts):
         p = by_id[rec["problem_id"]]
-        leak = leak_reason(rec["response"], p["solution"], cfg["leak_phrases"], int(cfg["max_shared_ngram"])) \
-            if v.correct else None
-        status = "wrong" if not v.correct else (f"leak_{leak}" if leak else "kept")
+        truncated = rec["finish_reason"] == "length"  # cut at max_new_tokens: never a training row
+        leak = leak_reason(rec["response"], p["solution"], cfg["leak_phrases"], int(cfg["max_shared_ngram"]),
+                           problem=p["problem"]) if v.correct and not truncated else None
+        status = "wrong" if not v.correct else "truncated" if truncated else (f"leak_{leak}" if leak else "kept")
         status_counts[status] += 1
         resolves.append({**rec, "correct": v.correct, "reason": v.reason, "status": status})
 
@@ -167,11 +184,15 @@ def main(params_path, problems, unsolved, model_dir, out, shards, metrics, progr
         "still_unsolved": len(still_unsolved),
         "samples": len(resolves),
         "kept_rows": len(rows),
-        "status": {k: status_counts.get(k, 0) for k in ("kept", "wrong", "leak_phrase", "leak_copy")},
+        "status": {k: status_counts.get(k, 0) for k in ("kept", "wrong", "truncated", "leak_phrase", "leak_copy")},
+        "dropped": dropped_counts(status_counts),
         "shards": len(run.paths),
         "resumed_shards": len(run.resumed),
         "generated_shards": len(run.generated),
     })
+    if not generate:
+        log.info("guided_align: n 0, no re-solving: %d unsolved problems fall back", attempted)
+        return
     log.info("guided_align: %d/%d unsolved problems re-solved (%s), %d/%d shards resumed", solved, attempted,
              dict(status_counts), len(run.resumed), len(run.paths))
 

@@ -72,7 +72,7 @@ def _fresh_dir(path: Path) -> None:
 
 
 def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/prepare", model_dir="models/base",
-                metrics_path="metrics/prepare.json", log=print) -> dict:
+                metrics_path="metrics/prepare.json", log=print, verify_mode: str = "boxed") -> dict:
     from drsft.world import expert_solution, fact_drills, pretraining_examples
 
     t0 = time.time()
@@ -136,7 +136,8 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
         metrics["world"] = probe_world(str(model_dir), train, prompt_cfg, cfg,
                                        verify_workers=int(pr["verify_workers"]),
                                        verify_timeout_s=float(pr["verify_timeout_s"]),
-                                       trust_remote_code=model_cfg["trust_remote_code"], log=log)
+                                       trust_remote_code=model_cfg["trust_remote_code"], log=log,
+                                       verify_mode=verify_mode)
         bad = [k for k, ok in metrics["world"]["checks"].items() if not ok]
         if bad:
             log(f"prepare: WARNING: world property check(s) failed: {bad}")
@@ -157,7 +158,8 @@ def main(params_path, data_dir, model_dir, metrics):
     params = load_params(params_path)
     preflight([data_dir, model_dir, metrics], need_bytes=prepare_bytes(section(params, "prepare")))
     summary = run_prepare(section(params, "prepare"), section(params, "model"), section(params, "prompt"),
-                          data_dir=data_dir, model_dir=model_dir, metrics_path=metrics, log=log.info)
+                          data_dir=data_dir, model_dir=model_dir, metrics_path=metrics, log=log.info,
+                          verify_mode=section(params, "verify")["mode"])
     log.info("prepare done in %.1fs", summary["seconds"])
 
 

@@ -76,7 +76,7 @@ def main(params_path, problems, model_dir, out, metrics, progress):
             roll["backend"], model_dir, dtype=roll["dtype"], trust_remote_code=trust,
             tensor_parallel_size=int(roll["tensor_parallel_size"]),
             gpu_memory_utilization=float(roll["gpu_memory_utilization"]),
-            data_parallel_size=int(roll["data_parallel_size"]))
+            data_parallel_size=int(roll["data_parallel_size"]), stop_token_ids=roll["stop_token_ids"])
         if progress:
             from tqdm.auto import tqdm
 

@@ -51,7 +51,7 @@ def main(params_path, problems, samples, out, metrics):
     todo = read_samples(samples, answers, fields=("problem_id", "sample_index", "response"))
     t0 = time.perf_counter()
     verdicts = verify_batch([(s["response"], answers[s["problem_id"]]) for s in todo],
-                            workers=int(cfg["workers"]), timeout_s=float(cfg["timeout_s"]))
+                            workers=int(cfg["workers"]), timeout_s=float(cfg["timeout_s"]), mode=cfg["mode"])
     seconds = time.perf_counter() - t0
     rows = [{"problem_id": s["problem_id"], "sample_index": s["sample_index"], "correct": v.correct,
              "reason": v.reason, "extracted": v.extracted} for s, v in zip(todo, verdicts)]

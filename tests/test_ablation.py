@@ -47,3 +47,44 @@ def test_no_difference_is_called_unresolved():
 def test_pairs_with_a_missing_arm_are_skipped():
     scores = {"base": {"b": [1.0, 0.0]}, "sft": {"b": [[1.0, 0.0]]}}
     assert summarize(scores, n_boot=200)["comparisons"] == {}
+
+
+def test_experiment_listing_keeps_only_finished_experiments():
+    """`dvc exp show --json` (DVC 3's shape) lists queued, running and failed experiments too; the
+    ablation reads scores only from finished ones, so a killed run is rerun, never read."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from ablation import _walk
+
+    def rev(name, rev, error=None):
+        return {"rev": rev, "name": name, "data": {"params": {}}, "error": error}
+
+    show = [{"rev": "workspace", "name": None, "data": {}, "error": None, "experiments": None},
+            {**rev("main", "b0"), "experiments": [
+                {"executor": {"state": "running"}, "name": "a-s0", "revs": [rev("a-s0", "r1")]},
+                {"executor": {"state": "success"}, "name": "a-s1", "revs": [rev("a-s1", "r2")]},
+                {"executor": None, "name": "a-s2", "revs": [rev("a-s2", "r3")]},
+                {"executor": {"state": "failed"}, "name": "a-s3",
+                 "revs": [rev("a-s3", "r4", {"msg": "Experiment run failed"})]},
+                {"executor": {"state": "queued"}, "name": "a-s4", "revs": [rev("a-s4", "r5")]}]}]
+    found = {}
+    _walk(show, found)
+    assert {k: v[0] for k, v in found.items()} == {"main": "b0", "a-s1": "r2", "a-s2": "r3"}
+
+
+def test_experiment_sets_give_each_arm_its_data_loss_seed_and_upstream_overrides():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from ablation import experiment_sets
+
+    from drsft.ablation import ARMS, NOGUIDED_ARMS
+
+    sets = experiment_sets(ARMS + NOGUIDED_ARMS, [0, 1], "lr", ("train.lr=1e-4",))
+    assert len(sets) == 10
+    assert sets["sft-lr-s1"] == ["train.data=expert", "train.loss=sft", "train.seed=1", "train.lr=1e-4"]
+    assert sets["dr-noguided-dft-lr-s0"] == ["train.data=rewritten", "train.loss=dft", "train.seed=0",
+                                             "guided_align.n=0", "train.lr=1e-4"]

@@ -2,15 +2,16 @@ import math
 
 import pytest
 
-from drsft.rewrite import (ess_fraction, join_verdicts, leak_reason, longest_shared_ngram, nll_histogram,
+from drsft.io import DataError
+from drsft.rewrite import (copied_ngram, dropped_rows, ess_fraction, join_verdicts, leak_reason, nll_histogram,
                            policy_gap, rewrite_metrics, select, self_align)
 
 
-def _sample(pid, i, response, ids=None, logprobs=None):
+def _sample(pid, i, response, ids=None, logprobs=None, finish="stop"):
     ids = ids if ids is not None else list(range(len(response.split()) + 1))
     return {"problem_id": pid, "sample_index": i, "prompt": f"P[{pid}]", "response": response,
             "response_ids": ids, "logprobs": logprobs if logprobs is not None else [-1.0] * len(ids),
-            "finish_reason": "stop"}
+            "finish_reason": finish}
 
 
 def _verdict(pid, i, correct):
@@ -62,9 +63,38 @@ def test_self_align_keeps_correct_and_lists_unsolved():
     a = next(r for r in rows if r["problem_id"] == "a")
     assert a["response"] == "s1" and a["tier"] == "self" and a["behaviour"] == "sampled"
     assert a["behaviour_logprobs"] == a["plain_logprobs"] == samples[1]["logprobs"]
-    assert stats == {"problems": 3, "solved": 2, "unsolved": 1, "correct_samples": 3, "kept": 2}
+    assert stats == {"problems": 3, "solved": 2, "unsolved": 1, "correct_samples": 3, "kept": 2,
+                     "dropped": {"truncated": 0}}
     rows2, _, _ = self_align(["a", "b", "c"], samples, verdicts, 2, "random", 0)
     assert sorted(r["problem_id"] for r in rows2) == ["a", "c", "c"]
+
+
+def test_a_truncated_correct_sample_never_reaches_the_self_tier():
+    """A sample cut at max_new_tokens can hold a correct box; it is dropped and counted, and a
+    problem with no other correct sample stays unsolved (guided re-solving gets it)."""
+    samples = [_sample("a", 0, "cut", finish="length"), _sample("a", 1, "done"),
+               _sample("b", 0, "cut too", finish="length"), _sample("b", 1, "wrong")]
+    verdicts = [_verdict("a", 0, True), _verdict("a", 1, True), _verdict("b", 0, True), _verdict("b", 1, False)]
+    for k in (1, 4):
+        rows, unsolved, stats = self_align(["a", "b"], samples, verdicts, k, "shortest", 0)
+        assert [r["response"] for r in rows] == ["done"]
+        assert unsolved == ["b"]
+        assert stats["dropped"] == {"truncated": 2} and stats["correct_samples"] == 3
+
+
+def test_dropped_rows_reads_both_stages_metrics_and_names_a_bad_file(tmp_path):
+    import json
+
+    s, g = tmp_path / "self.json", tmp_path / "guided.json"
+    s.write_text(json.dumps({"dropped": {"truncated": 3}}))
+    g.write_text(json.dumps({"dropped": {"truncated": 1, "leak": 2, "leak_share": 0.25}}))
+    assert dropped_rows(s, g) == {"truncated": {"self": 3, "guided": 1}, "leak": {"guided": 2, "share": 0.25}}
+    g.write_text(json.dumps({"dropped": {"truncated": 1}}))
+    with pytest.raises(DataError, match=r"guided\.json.*dropped\.leak"):
+        dropped_rows(s, g)
+    s.write_text(json.dumps({"kept": 1}))
+    with pytest.raises(DataError, match=r"self\.json.*'dropped'.*missing"):
+        dropped_rows(s, g)
 
 
 def test_self_align_refuses_missing_or_extra_verdicts():
@@ -76,10 +106,15 @@ def test_self_align_refuses_missing_or_extra_verdicts():
 
 
 # ---------------------------------------------------------------- hint-leak filter
-def test_longest_shared_ngram():
-    assert longest_shared_ngram("a b c d e", "x b c d y") == 3
-    assert longest_shared_ngram("", "a") == 0
-    assert longest_shared_ngram("A B", "a b") == 2  # case-insensitive
+def test_copied_ngram():
+    assert copied_ngram("a b c d e", "x b c d y", 3) == ("b", "c", "d")
+    assert copied_ngram("a b c d e", "x b c d y", 4) is None
+    assert copied_ngram("", "a", 1) is None and copied_ngram("a", "a", 0) is None
+    assert copied_ngram("A B", "a b", 2) == ("a", "b")  # case-insensitive
+    # a run that is also in the problem is a restatement, not a copy ...
+    assert copied_ngram("so p q r s t", "we have p q r s t", 3, problem="p q r s t") is None
+    # ... unless it goes on past the problem's words into the hint's
+    assert copied_ngram("p q r s t u", "p q r s t u", 3, problem="p q r s t") == ("s", "t", "u")
 
 
 def test_leak_reason_phrase_copy_and_clean():
@@ -90,6 +125,20 @@ def test_leak_reason_phrase_copy_and_clean():
     copied = "First, add 3 and 4 to get 7. Next, multiply 7 by 2 to get 14. \\boxed{14}"
     assert leak_reason(copied, hint, [], 8) == "copy"
     assert leak_reason("3+4 is 7, doubled is 14. \\boxed{14}", hint, ["hint"], 8) is None
+
+
+def test_a_resolve_that_restates_the_problem_is_kept_and_one_that_copies_the_steps_is_dropped():
+    problem = "A train travels at 60 miles per hour for 3 hours and then at 40 miles per hour for 2 hours. How far does it go?"
+    hint = ("A train travels at 60 miles per hour for 3 hours and then at 40 miles per hour for 2 hours. "
+            "The first leg covers 60 times 3 which is 180 miles and the second leg covers 40 times 2 which is "
+            "80 miles so the total distance is 260 miles. \\boxed{260}")
+    restates = ("We know a train travels at 60 miles per hour for 3 hours and then at 40 miles per hour for 2 hours. "
+                "Distance is speed times time: 180 + 80 = 260. \\boxed{260}")
+    copies = ("The first leg covers 60 times 3 which is 180 miles and the second leg covers 40 times 2 which is "
+              "80 miles. \\boxed{260}")
+    assert leak_reason(restates, hint, [], 8) == "copy"                    # without the problem: a false alarm
+    assert leak_reason(restates, hint, [], 8, problem=problem) is None
+    assert leak_reason(copies, hint, [], 8, problem=problem) == "copy"
 
 
 # ---------------------------------------------------------------- diagnostics

@@ -309,7 +309,8 @@ def test_policy_identity_drops_only_engine_layout():
     import yaml
     from pathlib import Path
     keys = set(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["rollout"])
-    assert set(LAYOUT_KEYS) <= keys and keys - set(LAYOUT_KEYS) == {"backend", "dtype"}
+    assert set(LAYOUT_KEYS) <= keys and keys - set(LAYOUT_KEYS) == {"backend", "dtype", "stop_token_ids"}
+    assert policy_identity({**roll, "stop_token_ids": [7]}) != policy_identity({**roll, "stop_token_ids": []})
 
 
 def test_decode_attention_kernels_exclude_cudnn_on_cuda_only():
@@ -323,3 +324,90 @@ def test_decode_attention_kernels_exclude_cudnn_on_cuda_only():
         assert torch.backends.cuda.flash_sdp_enabled()
         assert torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Stop tokens: a chat model's turn ends with a special token that is not its EOS (Qwen's <|im_end|>)
+
+TURN_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def turn_model_dir(tmp_path_factory):
+    """A tiny tokenizer whose chat template closes every turn with <|end|> (not its EOS <|eos|>),
+    and a tiny model saved with it."""
+    from drsft.tinylm import build_model, build_tokenizer
+
+    tok = build_tokenizer([f"Compute ${a} + {b}$. The answer is {a + b}." for a in range(10) for b in range(10)],
+                          vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tok.chat_template = TURN_TEMPLATE
+    out = tmp_path_factory.mktemp("turn_model")
+    build_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_end_of_turn_is_found_in_the_chat_template_and_ends_training_responses(turn_model_dir, tiny_model_dir):
+    from drsft.prompts import encode_response, end_of_turn_id, response_end_id, stop_token_ids
+
+    tok = load_tokenizer(turn_model_dir)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert end != tok.eos_token_id
+    assert end_of_turn_id(tok) == end == response_end_id(tok)
+    assert encode_response(tok, "2")[-1] == end
+    assert stop_token_ids(tok, [tok.eos_token_id, 3], extra=[9]) == {end, tok.eos_token_id, 3, 9}
+    # the toy template ends a turn with a newline: no end-of-turn token, responses end with EOS
+    toy = load_tokenizer(tiny_model_dir)
+    assert end_of_turn_id(toy) is None and encode_response(toy, "2")[-1] == toy.eos_token_id
+    toy_plain = load_tokenizer(tiny_model_dir)
+    toy_plain.chat_template = None
+    assert end_of_turn_id(toy_plain) is None
+
+
+def test_hf_backend_stops_at_the_end_of_turn_and_at_extra_stop_ids(turn_model_dir, prompt_cfg):
+    """The model is made to emit <|end|> often (its logit raised) and to go on after it: every
+    sample stops at the first <|end|>, and nothing follows it."""
+    model, tok = load_model(turn_model_dir, device="cpu"), load_tokenizer(turn_model_dir)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    bias = torch.zeros(model.config.vocab_size)
+    bias[end] = 3.0
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    prompts = [render_prompt(tok, f"Compute ${a} + 1$.", prompt_cfg) for a in range(6)]
+    sp = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=0, batch_size=8)
+    comps = HFBackend(model, tok).generate(prompts, sp)
+    stopped = [c for cs in comps for c in cs if c.finish_reason == "stop"]
+    assert stopped and all(c.token_ids[-1] == end for c in stopped)
+    assert all(end not in c.token_ids[:-1] for cs in comps for c in cs)
+    assert all(len(c.token_ids) == 12 for cs in comps for c in cs if c.finish_reason == "length")
+    # an extra stop id (rollout.stop_token_ids) stops too
+    first = comps[0][0].token_ids[0]
+    again = HFBackend(model, tok, stop_token_ids=[first]).generate(prompts[:1], sp)
+    assert again[0][0].token_ids == [first] and again[0][0].finish_reason == "stop"
+
+
+def test_vllm_request_carries_every_stop_id(turn_model_dir, monkeypatch):
+    import types
+
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, **kw):
+            pass
+
+        def generate(self, inputs, sampling_params, use_tqdm):
+            seen["sps"] = sampling_params
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                index=0, token_ids=[5], finish_reason="stop",
+                logprobs=[{5: types.SimpleNamespace(logprob=-0.1)}])]) for _ in inputs]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
+        LLM=FakeLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw)))
+    gen = json.loads((turn_model_dir / "generation_config.json").read_text())
+    tok = load_tokenizer(turn_model_dir)
+    be = make_backend("vllm", str(turn_model_dir), stop_token_ids=[42])
+    be.generate(["x"], SamplingParams(n=1, temperature=1.0, max_new_tokens=4))
+    ids = set(seen["sps"][0].stop_token_ids)
+    assert {tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id, 42} <= ids
+    assert set(gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]) <= ids

@@ -31,8 +31,8 @@ STAGE = ROOT / "stages" / "train.py"
 TRAIN_CFG = {
     "data": "rewritten", "loss": "is", "is_clip": [0.0, 2.0], "is_level": "token", "zero_stage": 2,
     "lr": 3.0e-3, "epochs": 1, "micro_batch_size": 3, "global_batch_size": 12, "max_length": 96,
-    "warmup_ratio": 0.25, "weight_decay": 0.01, "grad_clip": 1.0, "save_every": 2, "seed": 0,
-    "gradient_checkpointing": False,
+    "warmup_ratio": 0.25, "weight_decay": 0.01, "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "save_every": 2,
+    "seed": 0, "gradient_checkpointing": False,
 }
 N_ROWS = 40          # 4 optimizer steps of 12, 12, 12, 4 rows: the last global batch is short
 
@@ -146,9 +146,25 @@ def test_validate_config_schema_errors():
     for bad, key in [({"loss": "ppo"}, "train.loss"), ({"zero_stage": 4}, "train.zero_stage"),
                      ({"is_clip": [3, 1]}, "train.is_clip"), ({"micro_batch_size": 0}, "train.micro_batch_size"),
                      ({"lr": -1.0}, "train.lr"), ({"data": "other"}, "train.data"), ({"epochs": 1.5}, "train.epochs"),
-                     ({"typo_key": 1}, "train.typo_key"), ({"is_level": "batch"}, "train.is_level")]:
+                     ({"typo_key": 1}, "train.typo_key"), ({"is_level": "batch"}, "train.is_level"),
+                     ({"adam_betas": [0.9, 1.0]}, "train.adam_betas"), ({"adam_betas": [0.9]}, "train.adam_betas"),
+                     ({"adam_betas": "0.9,0.95"}, "train.adam_betas")]:
         with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
             validate_config({**TRAIN_CFG, **bad})
+
+
+def test_optimizer_takes_lr_betas_and_decays_matrices_only(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from drsft.train import build_optimizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    opt = build_optimizer(model, validate_config({**TRAIN_CFG, "adam_betas": [0.9, 0.95]}))
+    decay, no_decay = opt.param_groups
+    assert decay["betas"] == no_decay["betas"] == (0.9, 0.95) and decay["lr"] == TRAIN_CFG["lr"]
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
 def test_accumulation_steps_and_deepspeed_config():
@@ -217,6 +233,9 @@ def test_fingerprint_tracks_params_data_model_and_world_size(tmp_path, tiny_mode
     assert run_fingerprint(cfg, data, tiny_model_dir, str(tiny_model_dir), 1)["hash"] == base
     assert run_fingerprint({**cfg, "save_every": 7}, data, tiny_model_dir, str(tiny_model_dir), 1)["hash"] == base
     assert run_fingerprint({**cfg, "lr": 1e-5}, data, tiny_model_dir, str(tiny_model_dir), 1)["hash"] != base
+    for key, value in (("adam_betas", [0.9, 0.95]), ("loss", "sft"), ("weight_decay", 0.0), ("is_clip", [0.0, 3.0]),
+                       ("max_length", 64), ("seed", 1), ("epochs", 2), ("global_batch_size", 24)):
+        assert run_fingerprint({**cfg, key: value}, data, tiny_model_dir, str(tiny_model_dir), 1)["hash"] != base, key
     assert run_fingerprint(cfg, data, tiny_model_dir, str(tiny_model_dir), 2)["hash"] != base
     assert run_fingerprint(cfg, data, tmp_path / "hub-id", "org/model", 1)["hash"] != base
     data.write_text('{"a": 2}\n')
@@ -308,6 +327,20 @@ def test_two_processes_match_single_process(runs, tiny_model_dir, train_file):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert len(list((work / "dual_ckpt" / "step-000004").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+
+
+def test_loss_is_the_token_mean_over_the_global_batch_whatever_the_micro_batches(runs, tiny_model_dir, train_file):
+    """The same global batch of 12 rows in 4 micro-batches of 3 (the reference run) or in 1 of 12
+    gives the same training: normalising per micro-batch instead would weigh the rows of short
+    micro-batches more."""
+    work = runs["work"]
+    params = _write_params(work / "params_micro12.yaml", micro_batch_size=12)
+    _run_stage(work, params, train_file, tiny_model_dir, "micro12")
+    one, ref = read_json(work / "micro12_metrics.json"), read_json(work / "single_metrics.json")
+    assert one["gradient_accumulation_steps"] == 1 and ref["gradient_accumulation_steps"] == 4
+    assert one["final_loss"] == pytest.approx(ref["final_loss"], rel=1e-5)
+    a, b = _weights(work / "single_model"), _weights(work / "micro12_model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def test_kill_and_resume_replays_remaining_batches_exactly(runs, tiny_model_dir, train_file):

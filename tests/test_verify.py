@@ -48,6 +48,44 @@ def test_equivalent_forms(response, reference, correct):
     assert v.reason == ("ok" if correct else "wrong")
 
 
+# ------------------------------------------------------------------------------- verify.mode: paper
+@pytest.mark.parametrize("response, extracted", [
+    (r"so \boxed{7} and later 9", "7"),                           # the last box first
+    ("The answer is 5", "5"),                                        # no box: "the answer is"
+    ("Therefore, the answer is $\\frac{1}{2}$.", r"\frac{1}{2}"),
+    ("so the final answer is: 12.", "12"),
+    ("We get 3 apples, then 4.5 more", "4.5"),                       # else the last number
+    ("a total of 1,234 coins", "1234"),
+    ("no number at all", None),
+    (r"cut off \boxed{12", "12"),                                    # an unclosed box: the last number
+])
+def test_paper_mode_extraction_order(response, extracted):
+    assert V.extract_answer(response, "paper") == extracted
+    assert V.extract_answer(response, "boxed") == extract_boxed(response)
+
+
+@pytest.mark.parametrize("response, reference, boxed, paper", [
+    ("The answer is 5", "5", False, True),                           # boxed mode needs a box
+    (r"\boxed{0.33333}", "0.333333", False, True),                   # numeric tolerance rel 1e-4
+    (r"\boxed{0.3}", "0.333333", False, False),
+    (r"\boxed{50}", "0.5", False, True),                             # the toolkit's percent forms: x100
+    (r"\boxed{0.5}", "50", False, True),                             # and /100
+    (r"\boxed{1,000.0}", "1000", True, True),
+    ("The answer is $\\frac{1}{2}$.", "0.5", False, True),          # math-verify after the numeric rule
+    (r"\boxed{x + 1}", "1 + x", True, True),
+    ("I think it is 4", "5", False, False),
+])
+def test_paper_mode_grades_as_the_paper_toolkit(response, reference, boxed, paper):
+    assert verify_answer(response, reference, timeout_s=T).correct is boxed
+    assert verify_answer(response, reference, timeout_s=T, mode="paper").correct is paper
+    assert [v.correct for v in verify_batch([(response, reference)] * 2, workers=1, timeout_s=T, mode="paper")] == [paper] * 2
+
+
+def test_unknown_mode_is_an_error():
+    with pytest.raises(ValueError, match="verify.mode"):
+        V.extract_answer("x", "lenient")
+
+
 def test_percent_as_math_verify_decides():
     # math-verify: an integer percentage equals the bare integer (compared without the percent) and
     # 10% equals 0.1 numerically; a trailing \% is moved outside the math (see module docstring).

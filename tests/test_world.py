@@ -240,6 +240,51 @@ def test_pretrain_saves_a_loadable_deterministic_model(tmp_path, prompt_cfg):
     assert render_prompt(tok, "1+1?", prompt_cfg).endswith("<|assistant|>\n")
 
 
+PROBE = {"solve_rate_min": 0.2, "solve_rate_max": 0.7, "unsolved_min": 0.15, "headroom_solve_max": 0.1,
+         "headroom_margin": 0.2, "gap_ratio_min": 3.0, "gap_ratio_max": 30.0, "gap_nll_max": 3.0}
+
+
+def _summary(**over):
+    w = {"solve_rate": 0.3, "unsolved_share": 0.4, "unsolved": 40, "guided_solved_problems_on_unsolved": 10,
+         "guided_solve_rate_on_unsolved": 0.2, "unguided_solve_rate_on_unsolved_fresh": 0.05,
+         "nll_expert": 1.0, "nll_own_correct": 0.1, "nll_ratio_expert_to_own": 10.0,
+         "families": {"a": {"solve_rate": 0.5, "guided_solve_rate": 0.6},
+                      "b": {"solve_rate": 0.0, "guided_solve_rate": 0.5}}}
+    return {**w, **over}
+
+
+@pytest.mark.parametrize("over, failing", [
+    ({}, set()),
+    ({"solve_rate": 0.75}, {"solve_rate_in_range"}),
+    ({"unsolved_share": 0.1}, {"guidance_helps_on_unsolved"}),
+    ({"guided_solved_problems_on_unsolved": 40}, {"guidance_helps_on_unsolved"}),  # every tier must be non-empty
+    ({"guided_solve_rate_on_unsolved": 0.05}, {"guidance_helps_on_unsolved"}),
+    ({"nll_expert": 0.05, "nll_ratio_expert_to_own": 0.5}, {"expert_nll_higher", "realistic_gap"}),
+    ({"nll_ratio_expert_to_own": 31.0}, {"realistic_gap"}),                          # a foreign language
+    ({"nll_expert": 3.5, "nll_ratio_expert_to_own": 20.0}, {"realistic_gap"}),
+    ({"families": {"b": {"solve_rate": 0.12, "guided_solve_rate": 0.9}}}, {"headroom"}),  # solved often enough
+    ({"families": {"b": {"solve_rate": 0.0, "guided_solve_rate": 0.15}}}, {"headroom"}),  # the hint does not help
+])
+def test_world_checks_flag_each_property_at_its_threshold(over, failing):
+    from drsft.probe import world_checks
+
+    checks = world_checks(_summary(**over), PROBE)
+    assert {k for k, ok in checks.items() if not ok} == failing
+
+
+def test_committed_world_summary_passes_its_checks_under_params():
+    """metrics/prepare.json (what `make repro` measured on the committed world) re-checked against
+    params.yaml's thresholds: every property holds, and the recorded flags are what they imply."""
+    from drsft.probe import headroom_families, world_checks
+
+    w = json.loads((ROOT / "metrics" / "prepare.json").read_text())["world"]
+    probe = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]["probe"]
+    assert world_checks(w, probe) == w["checks"]
+    assert all(w["checks"].values()), w["checks"]
+    assert headroom_families(w["families"], probe) == w["headroom_families"]
+    assert w["probe_problems"] == probe["n_problems"]
+
+
 def _sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -254,7 +299,7 @@ def default_world(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.world
 def test_default_prepare_world_properties(default_world):
     out = default_world
     m = json.loads((out / "prepare.json").read_text())
@@ -278,7 +323,7 @@ def test_default_prepare_world_properties(default_world):
     assert len((out / "data" / "train.jsonl").read_text().splitlines()) == m["counts"]["train"]
 
 
-@pytest.mark.slow
+@pytest.mark.world
 def test_default_world_rewrite_has_all_tiers_and_closes_the_gap(default_world):
     """The rewriting stages on the default world: every tier non-empty, every train problem
     exactly once (keep_per_problem 1), and the rewritten set closer to the base model than the
@@ -296,6 +341,7 @@ def test_default_world_rewrite_has_all_tiers_and_closes_the_gap(default_world):
          "--model", model, "--out", out / "guided", "--metrics", m / "guided.json"],
         ["fallback.py", "--problems", data / "train.jsonl", "--self-rows", out / "self_align" / "selected.jsonl",
          "--guided-rows", out / "guided" / "selected.jsonl", "--unsolved", out / "guided" / "unsolved.jsonl",
+         "--self-metrics", m / "self.json", "--guided-metrics", m / "guided.json",
          "--model", model, "--out", out / "train", "--metrics", m / "rewrite.json", "--plot-csv", m / "nll.csv"],
     ]
     for script, *args in stages:

@@ -21,6 +21,11 @@ ARMS = [("sft", "expert", "sft"), ("dft", "expert", "dft"), ("dr-sft", "rewritte
 IS_ARMS = [("dr-is", "rewritten", "is"), ("dr-is-dft", "rewritten", "is_dft")]
 # The comparisons the paper makes (first minus second).
 PAIRS = [("dr-dft", "dft"), ("dr-sft", "sft"), ("dr-dft", "base"), ("dft", "sft")]
+# The tier ablation: DR without guided re-solving (every problem without a correct sample keeps its
+# expert demonstration), by the params each such arm overrides upstream of train, and what it tests.
+NOGUIDED_ARMS = [("dr-noguided-dft", "rewritten", "dft")]
+ARM_OVERRIDES = {"dr-noguided-dft": ("guided_align.n=0",)}
+EXTRA_PAIRS = [("dr-dft", "dr-noguided-dft")]
 
 
 def summarize(scores: Mapping[str, Mapping[str, Sequence]], pairs: Sequence[tuple[str, str]] = PAIRS,

@@ -13,7 +13,8 @@ Weights (``p_t = exp(log p_t)``, ``b_t`` = recorded behaviour log-prob ``log pi_
 
 * ``sft``:    1.
 * ``dft``:    ``p_t`` (Dynamic Fine-Tuning, Wu et al. 2025: the SFT gradient rescaled by the token
-  probability).
+  probability). This is the paper's optimisation-level correction; ``is`` and ``is_dft`` below are
+  drsft's extensions, not the paper's method.
 * ``is``:     ``clip(w_t)`` with ``w_t = exp(log p_t - b_t)`` (importance ratio pi_theta / pi_beta).
   ``is_level: sequence`` replaces ``w_t`` by the sequence ratio ``exp(sum_t (log p_t - b_t))``
   over the row's (kept) response tokens, computed in log space, clipped, and broadcast to every

@@ -43,13 +43,39 @@ def _token_nll(logprob_lists: Sequence[Sequence[float]]) -> float | None:
     return -sum(sum(lp) for lp in logprob_lists) / total
 
 
+def headroom_families(families: Mapping[str, Mapping], c: Mapping) -> list[str]:
+    """The families with headroom (property 4), from the per-family rates of :func:`probe_world`."""
+    return [f for f, m in families.items()
+            if m["solve_rate"] < c["headroom_solve_max"]
+            and m["guided_solve_rate"] - m["solve_rate"] >= c["headroom_margin"]]
+
+
+def world_checks(w: Mapping, c: Mapping) -> dict[str, bool]:
+    """The five properties as flags, from a ``world`` summary (``metrics/prepare.json``) and the
+    ``prepare.probe`` thresholds: a pure function, so a recorded summary can be re-checked."""
+    g, f, ne, no, ratio = (w["guided_solve_rate_on_unsolved"], w["unguided_solve_rate_on_unsolved_fresh"],
+                           w["nll_expert"], w["nll_own_correct"], w["nll_ratio_expert_to_own"])
+    return {
+        "solve_rate_in_range": bool(w["solve_rate"] is not None
+                                    and c["solve_rate_min"] <= w["solve_rate"] <= c["solve_rate_max"]),
+        "guidance_helps_on_unsolved": bool(
+            w["unsolved_share"] >= c["unsolved_min"] and g is not None and f is not None
+            and g > f and w["guided_solved_problems_on_unsolved"] < w["unsolved"]),
+        "expert_nll_higher": bool(ne is not None and no is not None and ne > no),
+        "headroom": bool(headroom_families(w["families"], c)),
+        "realistic_gap": bool(ratio is not None and c["gap_ratio_min"] <= ratio <= c["gap_ratio_max"]
+                              and ne < c["gap_nll_max"]),
+    }
+
+
 def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping, cfg: Mapping,
                 verify_workers: int, verify_timeout_s: float, trust_remote_code: bool = False,
-                log: Callable[[str], Any] = print) -> dict:
-    """Measure the three properties on the first ``cfg['n_problems']`` of ``problems``.
+                log: Callable[[str], Any] = print, verify_mode: str = "boxed") -> dict:
+    """Measure the five properties on the first ``cfg['n_problems']`` of ``problems``.
 
     ``cfg``: the ``prepare.probe`` params (validated by drsft.schema; params.yaml holds the
-    defaults) less ``enabled`` and the verifier settings, which come as arguments.
+    defaults) less ``enabled`` and the verifier settings, which come as arguments (``verify_mode``:
+    the pipeline's ``verify.mode``, so the probe grades as the stages do).
     ``problems``: problem records (``id``, ``problem``, ``solution``, ``answer``). Returns the
     ``world`` section of ``metrics/prepare.json`` (rates, counts, NLLs and ``checks``).
     """
@@ -60,7 +86,7 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
     from drsft.scoring import score_responses
 
     c = dict(cfg)
-    verify_cfg = {"workers": int(verify_workers), "timeout_s": float(verify_timeout_s)}
+    verify_cfg = {"workers": int(verify_workers), "timeout_s": float(verify_timeout_s), "mode": verify_mode}
     t0 = time.time()
     probs = [p for p in problems if p.get("solution")][: int(c["n_problems"])]
     if not probs:
@@ -116,35 +142,21 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
         families[fam] = {"problems": len(idx), "solve_rate": _mean([rates[i] for i in idx]),
                          "guided_solve_rate": _mean([g_rates[i] for i in idx]),
                          "nll_expert": _token_nll([lp_expert[i] for i in idx]), "nll_own_correct": _token_nll(own_f)}
-    headroom = [f for f, m in families.items()
-                if m["solve_rate"] < c["headroom_solve_max"]
-                and m["guided_solve_rate"] - m["solve_rate"] >= c["headroom_margin"]]
+    headroom = headroom_families(families, c)
     gap_ratio = nll_expert / nll_own if nll_expert is not None and nll_own else None
     log(f"probe: headroom families {headroom}; expert/own NLL ratio {gap_ratio} ({time.time() - t0:.0f}s)")
 
-    solve_rate = _mean(rates)
-    unsolved_share = len(unsolved) / len(probs)
-    checks = {
-        "solve_rate_in_range": bool(c["solve_rate_min"] <= solve_rate <= c["solve_rate_max"]),
-        "guidance_helps_on_unsolved": bool(
-            unsolved_share >= c["unsolved_min"] and guided_rate is not None and fresh_rate is not None
-            and guided_rate > fresh_rate and guided_any < len(unsolved)),
-        "expert_nll_higher": bool(nll_expert is not None and nll_own is not None and nll_expert > nll_own),
-        "headroom": bool(headroom),
-        "realistic_gap": bool(gap_ratio is not None and c["gap_ratio_min"] <= gap_ratio <= c["gap_ratio_max"]
-                              and nll_expert < c["gap_nll_max"]),
-    }
-    return {
+    world = {
         "probe_problems": len(probs),
         "n": n,
         "temperature": float(c["temperature"]),
-        "solve_rate": solve_rate,
+        "solve_rate": _mean(rates),
         "solve_rate_by_family": {f: m["solve_rate"] for f, m in families.items()},
         "families": families,
         "headroom_families": headroom,
         "finished_share": finished,
         "unsolved": len(unsolved),
-        "unsolved_share": unsolved_share,
+        "unsolved_share": len(unsolved) / len(probs),
         "all_solved_share": sum(all(o) for o in ok) / len(probs),
         "guided_solve_rate_on_unsolved": guided_rate,
         "guided_solved_problems_on_unsolved": guided_any,
@@ -154,6 +166,7 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
         "nll_own_correct": nll_own,
         "nll_ratio_expert_to_own": gap_ratio,
         "own_correct_samples": len(own),
-        "checks": checks,
-        "seconds": round(time.time() - t0, 1),
     }
+    world["checks"] = world_checks(world, c)
+    world["seconds"] = round(time.time() - t0, 1)
+    return world

@@ -37,7 +37,64 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
+_TURN_MARK = "drsft7turn7mark"
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return ids | {int(i) for i, t in added.items() if getattr(t, "special", False)}
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token that closes an assistant turn in the tokenizer's chat template (Qwen's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``), or None: no template, or the turn ends in plain text.
+
+    Found by rendering a conversation whose assistant turn is a marker and reading the first
+    non-blank token after it, which must be a special token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": _TURN_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render an assistant turn names none
+        return None
+    at = text.rfind(_TURN_MARK)
+    if at < 0:
+        return None
+    special = _special_ids(tokenizer)
+    for tid in tokenizer(text[at + len(_TURN_MARK):], add_special_tokens=False)["input_ids"]:
+        if int(tid) in special:
+            return int(tid)
+        if tokenizer.decode([tid]).strip():
+            return None
+    return None
+
+
+def response_end_id(tokenizer) -> int:
+    """The token a training response ends with: the chat template's end of turn, else EOS; so that
+    training, sampling and evaluation agree on where an answer stops (docs/records.md)."""
+    eot = end_of_turn_id(tokenizer)
+    if eot is not None:
+        return eot
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither an end-of-turn token in its chat template nor an EOS token")
+    return int(tokenizer.eos_token_id)
+
+
+def stop_token_ids(tokenizer, generation_eos=None, extra=()) -> set[int]:
+    """Every id generation stops at: the model's ``generation_config.eos_token_id`` (an int or a
+    list), the tokenizer's EOS, the chat template's end of turn, and ``rollout.stop_token_ids``."""
+    ids: set[int] = set()
+    for value in (generation_eos, tokenizer.eos_token_id, end_of_turn_id(tokenizer)):
+        if value is not None:
+            ids.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    ids.update(int(v) for v in extra)
+    return ids
+
+
 def encode_response(tokenizer, text: str) -> list[int]:
-    """Token ids of a response the model should learn to produce: the text, then EOS."""
+    """Token ids of a response the model should learn to produce: the text, then the token that
+    ends an assistant turn (:func:`response_end_id`)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return list(ids) + [tokenizer.eos_token_id]
+    return list(ids) + [response_end_id(tokenizer)]

@@ -20,6 +20,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 SELECTION_RULES = ("random", "shortest", "highest_logprob")
 TIERS = ("self", "guided", "fallback")
@@ -110,7 +111,11 @@ def training_row(problem_id: str, tier: str, prompt: str, response: str, respons
 
 def self_align(problem_ids: Sequence[str], samples: Sequence[Mapping], verdicts: Sequence[Mapping],
                keep_per_problem: int, rule: str, seed: int) -> tuple[list[dict], list[str], dict]:
-    """Keep correct model samples. Returns (training rows, unsolved problem ids, stats).
+    """Keep correct, finished model samples. Returns (training rows, unsolved problem ids, stats).
+
+    A correct sample whose ``finish_reason`` is ``length`` (cut at ``max_new_tokens``) is dropped
+    and counted in ``stats["dropped"]["truncated"]``; a problem whose correct samples were all
+    truncated is unsolved (it goes on to guided re-solving).
 
     A self-aligned response was sampled from the base model under the plain prompt, so its
     behaviour log-probs are the recorded sampling log-probs and its plain log-probs are the same.
@@ -120,10 +125,14 @@ def self_align(problem_ids: Sequence[str], samples: Sequence[Mapping], verdicts:
     if unknown:
         raise ValueError(f"samples for unknown problems, e.g. {sorted(unknown)[0]!r}: rerun sample")
     rows, unsolved = [], []
-    n_correct = 0
+    n_correct = n_truncated = 0
     for pid in problem_ids:
         correct = [r for r in joined.get(pid, []) if r["correct"]]
         n_correct += len(correct)
+        # A sample cut at max_new_tokens never becomes a training row, even with a correct box.
+        finished = [r for r in correct if r["finish_reason"] == "stop"]
+        n_truncated += len(correct) - len(finished)
+        correct = finished
         if not correct:
             unsolved.append(pid)
             continue
@@ -131,7 +140,7 @@ def self_align(problem_ids: Sequence[str], samples: Sequence[Mapping], verdicts:
             rows.append(training_row(pid, "self", rec["prompt"], rec["response"], rec["response_ids"],
                                      rec["logprobs"], rec["logprobs"], "sampled"))
     stats = {"problems": len(problem_ids), "solved": len(problem_ids) - len(unsolved), "unsolved": len(unsolved),
-             "correct_samples": n_correct, "kept": len(rows)}
+             "correct_samples": n_correct, "kept": len(rows), "dropped": {"truncated": n_truncated}}
     return rows, unsolved, stats
 
 
@@ -143,39 +152,55 @@ def _words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
 
 
-def longest_shared_ngram(a: str, b: str) -> int:
-    """Length in words of the longest run of consecutive words that ``a`` and ``b`` share."""
-    wa, wb = _words(a), _words(b)
-    if not wa or not wb:
-        return 0
-    best = 0
-    prev = [0] * (len(wb) + 1)
-    for i in range(1, len(wa) + 1):
-        cur = [0] * (len(wb) + 1)
-        ai = wa[i - 1]
-        for j in range(1, len(wb) + 1):
-            if ai == wb[j - 1]:
-                cur[j] = prev[j - 1] + 1
-                if cur[j] > best:
-                    best = cur[j]
-        prev = cur
-    return best
+def _ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def leak_reason(response: str, hint: str, leak_phrases: Sequence[str], max_shared_ngram: int) -> str | None:
+def copied_ngram(response: str, hint: str, n: int, problem: str = "") -> tuple[str, ...] | None:
+    """A run of ``n`` consecutive words (case-insensitive) that ``response`` shares with ``hint``
+    and that does not occur in ``problem``, or None. Restating the problem (which the expert
+    solution also restates) is not copying; a longer run that goes beyond the problem's words is."""
+    if n <= 0:
+        return None
+    from_hint = _ngrams(_words(hint), n) - _ngrams(_words(problem), n)
+    if not from_hint:
+        return None
+    words = _words(response)
+    return next((g for i in range(len(words) - n + 1) if (g := tuple(words[i:i + n])) in from_hint), None)
+
+
+def leak_reason(response: str, hint: str, leak_phrases: Sequence[str], max_shared_ngram: int,
+                problem: str = "") -> str | None:
     """Why a guided re-solve leans on its hint, or None if it stands alone.
 
     ``phrase``: it mentions one of ``leak_phrases`` (case-insensitive, whole words), e.g.
-    "the hint", "the reference solution"; ``copy``: it shares a run of at least
-    ``max_shared_ngram`` consecutive words with the hint.
+    "the hint", "the reference solution"; ``copy``: it shares a run of ``max_shared_ngram``
+    consecutive words with the hint that is not in the problem's text (:func:`copied_ngram`).
     """
     lower = response.lower()
     for phrase in leak_phrases:
         if re.search(r"\b" + re.escape(phrase.lower()) + r"\b", lower):
             return "phrase"
-    if max_shared_ngram > 0 and longest_shared_ngram(response, hint) >= max_shared_ngram:
+    if copied_ngram(response, hint, max_shared_ngram, problem) is not None:
         return "copy"
     return None
+
+
+def dropped_rows(self_metrics: str | Path, guided_metrics: str | Path) -> dict:
+    """What the filters removed before the tiers were assembled, from the two stages' metrics
+    files: correct samples ``truncated`` at max_new_tokens per tier, and guided re-solves dropped
+    as hint ``leak``s with their share of the correct, finished re-solves."""
+    from drsft.io import DataError, read_json, require
+
+    s, g = read_json(self_metrics), read_json(guided_metrics)
+    ds = require(s, "dropped", self_metrics, None, dict, nonempty=False)
+    dg = require(g, "dropped", guided_metrics, None, dict, nonempty=False)
+    for d, path, keys in ((ds, self_metrics, ("truncated",)), (dg, guided_metrics, ("truncated", "leak", "leak_share"))):
+        for k in keys:
+            if not isinstance(d.get(k), (int, float)):
+                raise DataError(path, None, f"dropped.{k} is missing or not a number: rerun the stage", "dropped")
+    return {"truncated": {"self": ds["truncated"], "guided": dg["truncated"]},
+            "leak": {"guided": dg["leak"], "share": dg["leak_share"]}}
 
 
 # --------------------------------------------------------------------------- diagnostics

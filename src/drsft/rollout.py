@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import json
 import logging
 import os
 import sys
@@ -47,7 +48,7 @@ BACKENDS = ("hf", "vllm")
 # Options every backend accepts, so callers can pass one dict whatever the backend; the ones a
 # backend has no use for are ignored (documented per backend).
 _COMMON_OPTS = {"device", "dtype", "trust_remote_code", "tensor_parallel_size", "gpu_memory_utilization",
-                "max_model_len", "enforce_eager", "attn_implementation", "data_parallel_size"}
+                "max_model_len", "enforce_eager", "attn_implementation", "data_parallel_size", "stop_token_ids"}
 
 
 @dataclass
@@ -98,6 +99,18 @@ def policy_identity(rollout_cfg: dict) -> dict:
     return {k: v for k, v in rollout_cfg.items() if k not in LAYOUT_KEYS}
 
 
+def _generation_eos(model_path: str):
+    """``eos_token_id`` of a local model folder's ``generation_config.json`` (an int, a list or None);
+    nothing is downloaded."""
+    path = Path(model_path) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
 def make_backend(name: str, model_path: str, **opts):
     """Build a rollout backend.
 
@@ -107,8 +120,10 @@ def make_backend(name: str, model_path: str, **opts):
     ``opts``: any of ``device``, ``dtype`` (``auto``: bf16 on GPU, fp32 on CPU),
     ``trust_remote_code``, ``tensor_parallel_size``, ``gpu_memory_utilization``,
     ``max_model_len``, ``enforce_eager``, ``attn_implementation``, ``data_parallel_size`` (vllm:
-    one engine per rank); a backend ignores the ones it has no use for, and an unknown option is
-    an error.
+    one engine per rank), ``stop_token_ids`` (``rollout.stop_token_ids``: extra ids to stop at,
+    besides the model's EOS ids and its chat template's end of turn,
+    :func:`drsft.prompts.stop_token_ids`); a backend ignores the ones it has no use for, and an
+    unknown option is an error.
     """
     unknown = sorted(set(opts) - _COMMON_OPTS)
     if unknown:
@@ -301,8 +316,10 @@ class HFBackend:
     vLLM (another kernel stack) gives different samples for the same seed.
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, stop_token_ids=()):
         import torch
+
+        from drsft.prompts import stop_token_ids as stop_ids
 
         self.model = model
         self.tokenizer = tokenizer
@@ -311,12 +328,8 @@ class HFBackend:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._logits_kw = "logits_to_keep" if "logits_to_keep" in params else (
             "num_logits_to_keep" if "num_logits_to_keep" in params else None)
-        eos: set[int] = set()
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        for value in (gen_eos, tokenizer.eos_token_id):
-            if value is None:
-                continue
-            eos.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+        eos = stop_ids(tokenizer, gen_eos, stop_token_ids)
         if not eos:
             raise ValueError("HFBackend: neither the tokenizer nor the generation config names an EOS token")
         self.eos_ids = eos
@@ -326,7 +339,7 @@ class HFBackend:
 
     @classmethod
     def load(cls, model_path: str, device: str | None = None, dtype: str = "auto", trust_remote_code: bool = False,
-             attn_implementation: str | None = None, **ignored) -> HFBackend:
+             attn_implementation: str | None = None, stop_token_ids=(), **ignored) -> HFBackend:
         """Load from a model folder (or what resolve_model returned). vLLM-only options are ignored."""
         from drsft.models import load_model, load_tokenizer
 
@@ -334,7 +347,7 @@ class HFBackend:
             log.info("attn_implementation=%s is left to transformers' default in the hf backend", attn_implementation)
         tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         model = load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        return cls(model, tok)
+        return cls(model, tok, stop_token_ids)
 
     # -- public --------------------------------------------------------------------------------
 
@@ -737,10 +750,11 @@ class VLLMBackend:
     def __init__(self, model_path: str, dtype: str = "auto", trust_remote_code: bool = False,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, enforce_eager: bool = False, data_parallel_size: int = 1,
-                 **ignored):
+                 stop_token_ids=(), **ignored):
         import importlib.util
 
         from drsft.models import load_tokenizer, resolve_model
+        from drsft.prompts import stop_token_ids as stop_ids
 
         dp, tp = int(data_parallel_size), int(tensor_parallel_size)
         if dp < 1 or tp < 1:
@@ -756,7 +770,7 @@ class VLLMBackend:
                 raise missing from None
         target = resolve_model(model_path) if Path(model_path).is_dir() else str(model_path)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        self.eos_ids = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
+        self.eos_ids = stop_ids(self.tokenizer, _generation_eos(target), stop_token_ids)
         self.llm_kwargs = dict(model=target, dtype="auto" if dtype in (None, "auto") else dtype,
                                trust_remote_code=trust_remote_code, tensor_parallel_size=tp,
                                gpu_memory_utilization=float(gpu_memory_utilization), seed=0,
@@ -789,7 +803,7 @@ class VLLMBackend:
         greedy = float(params.temperature) == 0.0
         sp_kwargs = dict(n=1 if greedy else int(params.n), temperature=float(params.temperature),
                          top_p=1.0 if greedy else float(params.top_p), max_tokens=int(params.max_new_tokens),
-                         logprobs=0, skip_special_tokens=True)
+                         logprobs=0, skip_special_tokens=True, stop_token_ids=sorted(self.eos_ids))
         encoded: dict[str, list[int]] = {}
         requests = []
         for prompt, occ in zip(prompts, _occurrences(prompts)):

@@ -203,21 +203,13 @@ class ProbeSection(_Section):
         _greedy_n(info.data.get("n"), value, "prepare.probe.n")
         return value
 
-    @field_validator("solve_rate_max")
+    @field_validator("solve_rate_max", "gap_ratio_max")
     @classmethod
-    def _range(cls, value: float, info: ValidationInfo) -> float:
-        low = info.data.get("solve_rate_min")
+    def _not_below_min(cls, value: float, info: ValidationInfo) -> float:
+        key = info.field_name.replace("_max", "_min")
+        low = info.data.get(key)
         if low is not None and value < low:
-            raise ValueError(f"must be >= prepare.probe.solve_rate_min ({low}) (got {value})")
-        return value
-
-
-    @field_validator("gap_ratio_max")
-    @classmethod
-    def _ratio(cls, value: float, info: ValidationInfo) -> float:
-        low = info.data.get("gap_ratio_min")
-        if low is not None and value < low:
-            raise ValueError(f"must be >= prepare.probe.gap_ratio_min ({low}) (got {value})")
+            raise ValueError(f"must be >= prepare.probe.{key} ({low}) (got {value})")
         return value
 
 
@@ -270,6 +262,7 @@ class RolloutSection(_Section):
     tensor_parallel_size: PosInt       # vllm
     gpu_memory_utilization: TopP       # vllm, (0, 1]
     data_parallel_size: PosInt         # vllm engines / GPUs per rollout
+    stop_token_ids: list[NonNegInt]    # extra ids to stop at (besides EOS ids and the end of turn)
 
 
 class SampleSection(_Section):
@@ -290,6 +283,7 @@ class SampleSection(_Section):
 class VerifySection(_Section):
     timeout_s: PosNum
     workers: NonNegInt                 # <= 1: in the stage's own process
+    mode: Literal["boxed", "paper"]    # answer extraction (drsft.verify.extract_answer)
 
 
 class SelfAlignSection(_Section):
@@ -299,7 +293,7 @@ class SelfAlignSection(_Section):
 
 
 class GuidedAlignSection(_Section):
-    n: PosInt
+    n: NonNegInt                       # 0 = no guided re-solving (the tier ablation)
     temperature: Temperature
     top_p: TopP
     max_new_tokens: PosInt
@@ -342,6 +336,14 @@ def _is_clip(value: Any) -> Any:
     return value
 
 
+def _adam_betas(value: Any) -> Any:
+    """[beta1, beta2], each in [0, 1)."""
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value)):
+        raise ValueError(f"must be [beta1, beta2], each a number in [0, 1) (got {_show(value)})")
+    return value
+
+
 class TrainSection(_Section):
     data: TrainData
     loss: Loss
@@ -355,6 +357,7 @@ class TrainSection(_Section):
     max_length: Annotated[int, Strict(), Field(ge=2)]
     warmup_ratio: Fraction
     weight_decay: NonNegNum
+    adam_betas: Annotated[list, BeforeValidator(_adam_betas)]
     grad_clip: NonNegNum               # 0 = off
     gradient_checkpointing: Bool
     save_every: PosInt

@@ -104,6 +104,18 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return c
 
 
+def build_optimizer(model, cfg: Mapping[str, Any]):
+    """AdamW at ``train.lr`` with ``train.adam_betas``; weight decay on the matrices only (not on
+    norms and biases)."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"],
+                             betas=(float(cfg["adam_betas"][0]), float(cfg["adam_betas"][1])))
+
+
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
     """``global / (micro x world)``, or a :class:`ParamsError` saying what does not divide."""
     per_pass = micro_batch * world_size
@@ -542,10 +554,7 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     model.train()
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
+    optimizer = build_optimizer(model, cfg)
 
     def make_scheduler(opt):
         # Built by DeepSpeed on the optimizer it wraps (ZeRO-3 regroups the parameters).
@@ -722,4 +731,4 @@ def data_file(data_dir: str | os.PathLike, kind: str) -> Path:
 
 __all__ = ["TIERS", "Example", "DataStats", "validate_config", "accumulation_steps", "deepspeed_config",
            "lr_factor", "warmup_steps_for", "load_examples", "batch_plan", "micro_slots", "collate",
-           "run_fingerprint", "setup_environment", "weight_summary", "train", "data_file"]
+           "run_fingerprint", "setup_environment", "weight_summary", "train", "data_file", "build_optimizer"]

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import multiprocessing as mp
 import os
 import re
@@ -174,6 +175,68 @@ def extract_boxed(text: str) -> str | None:
         last = text[m.end():end]
         pos = end + 1
     return None if last is None else _unwrap_boxes(last).strip()
+
+
+MODES = ("boxed", "paper")
+_ANSWER_IS = ("he answer is", "final answer is")  # the paper toolkit's phrases, in its order
+_NUMBER = re.compile(r"-?\d*\.?\d+")
+
+
+def extract_answer(text: str, mode: str = "boxed") -> str | None:
+    r"""The final answer of a response, by ``verify.mode``.
+
+    ``boxed``: the last ``\boxed{}`` (:func:`extract_boxed`), else None. ``paper``: the extraction
+    order of the paper's evaluation toolkit (``math_evaluation/parser.py`` ``extract_answer``): the last
+    box; else the text after the last "the answer is" / "final answer is"; else the last number in
+    the response (commas removed); line breaks dropped and one leading ``:`` and trailing ``.``/``/``
+    removed. Plain string operations: the text is never evaluated.
+    """
+    if mode == "boxed":
+        return extract_boxed(text)
+    if mode != "paper":
+        raise ValueError(f"verify.mode must be one of {MODES}, got {mode!r}")
+    text = text or ""
+    pred = extract_boxed(text)
+    if pred is None:
+        for phrase in _ANSWER_IS:
+            if phrase in text:
+                pred = text.split(phrase)[-1].strip()
+                break
+        else:
+            numbers = _NUMBER.findall(text.replace(",", ""))
+            pred = numbers[-1] if numbers else None
+    if pred is None:
+        return None
+    pred = re.sub(r"\n\s*", "", pred).strip()
+    if pred.startswith(":"):
+        pred = pred[1:]
+    while True:  # "$\frac{1}{2}$." -> \frac{1}{2}
+        stripped = pred.strip().rstrip("./").strip().strip("$")
+        if stripped == pred:
+            return pred
+        pred = stripped
+
+
+_PAPER_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?")
+
+
+def _paper_number(s: str) -> float | None:
+    r"""A plain decimal number (``1,000``, ``-2.5``, ``.5``, a trailing ``%``/``\%`` ignored), else None."""
+    n = _norm(s)
+    n = n[:-2] if n.endswith("\\%") else n[:-1] if n.endswith("%") else n
+    if not n or len(n) > 40 or not any(c.isdigit() for c in n) or not _PAPER_NUMBER.fullmatch(n):
+        return None
+    return float(n.replace(",", ""))
+
+
+def _paper_numeric(extracted: str, reference: str) -> Verdict | None:
+    """The paper toolkit's numeric rule (``grader.math_equal``): two plain numbers are equal when
+    ``isclose(reference x f, prediction, rel_tol=1e-4)`` for f in 1/100, 1, 100 (percent forms)."""
+    a, b = _paper_number(extracted), _paper_number(reference)
+    if a is None or b is None:
+        return None
+    ok = any(math.isclose(b * f, a, rel_tol=1e-4) for f in (0.01, 1.0, 100.0))
+    return Verdict(ok, "ok" if ok else "wrong", extracted)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,13 +486,22 @@ def _on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def verify_answer(response: str, reference: str, timeout_s: float = 5.0) -> Verdict:
+def _quick_mode(extracted: str | None, reference: str, mode: str) -> Verdict | None:
+    quick = _quick(extracted, reference)
+    if quick is None and mode == "paper":
+        quick = _paper_numeric(extracted, reference)
+    return quick
+
+
+def verify_answer(response: str, reference: str, timeout_s: float = 5.0, mode: str = "boxed") -> Verdict:
     """Verdict for one response against one reference answer, bounded by ``timeout_s`` seconds.
 
-    Safe in any thread: off the main thread the comparison runs in a helper process (see module doc).
+    ``mode``: ``boxed`` or ``paper`` (:func:`extract_answer`; ``paper`` also applies the paper
+    toolkit's numeric tolerance before math-verify). Safe in any thread: off the main thread the
+    comparison runs in a helper process (see module doc).
     """
-    extracted = extract_boxed(response or "")
-    quick = _quick(extracted, reference)
+    extracted = extract_answer(response or "", mode)
+    quick = _quick_mode(extracted, reference, mode)
     if quick is not None:
         return quick
     if _on_main_thread():
@@ -655,15 +727,16 @@ def _close_helper() -> None:
         _helper.close()
 
 
-def verify_batch(pairs: Sequence[tuple[str, str]], workers: int = 2, timeout_s: float = 5.0) -> list[Verdict]:
-    """Verdicts for ``(response, reference)`` pairs, in order.
+def verify_batch(pairs: Sequence[tuple[str, str]], workers: int = 2, timeout_s: float = 5.0,
+                 mode: str = "boxed") -> list[Verdict]:
+    """Verdicts for ``(response, reference)`` pairs, in order; ``mode`` as in :func:`verify_answer`.
 
     ``workers > 1``: a pool of that many processes (references parsed once per worker, items of one
     reference sent together); a worker past ``timeout_s + grace`` or dead is killed and replaced and its
     in-flight item gets ``timeout``. ``workers <= 1``: in this process, one :func:`verify_answer` per pair.
     """
-    extracted = [extract_boxed(resp or "") for resp, _ in pairs]
-    verdicts: list[Verdict | None] = [_quick(e, ref) for e, (_, ref) in zip(extracted, pairs)]
+    extracted = [extract_answer(resp or "", mode) for resp, _ in pairs]
+    verdicts: list[Verdict | None] = [_quick_mode(e, ref, mode) for e, (_, ref) in zip(extracted, pairs)]
     # identical (answer, reference) pairs -- n samples agreeing on one answer -- are decided once
     unique: dict[tuple[str, str], int] = {}
     for i, v in enumerate(verdicts):

@@ -157,6 +157,18 @@ class Family:
         return None
 
 
+class _Steps(dict):
+    """A family's intermediate values as ``compute`` fills them in order: ``put(step, value)``
+    stores the value, or the slip's wrong one for the slipped step, so later steps follow it."""
+
+    def __init__(self, slip: tuple[str, Any] | None):
+        super().__init__()
+        self.slip = slip
+
+    def put(self, key: str, value: Any) -> None:
+        self[key] = self.slip[1] if self.slip and self.slip[0] == key else value
+
+
 def _verb(rng: random.Random) -> str:
     return rng.choice(["Compute", "Evaluate", "Find the value of"])
 
@@ -173,15 +185,11 @@ class Arith(Family):
         return f"{p['verb']} $({p['a']} + {p['b']}) \\times {p['c']} - {p['d']}$."
 
     def compute(self, p, slip=None):
-        v: dict[str, Any] = {}
-
-        def put(k, x):
-            v[k] = slip[1] if slip and slip[0] == k else x
-
-        put("s", p["a"] + p["b"])
-        put("p", v["s"] * p["c"])
-        put("r", v["p"] - p["d"])
-        return v
+        v = _Steps(slip)
+        v.put("s", p["a"] + p["b"])
+        v.put("p", v["s"] * p["c"])
+        v.put("r", v["p"] - p["d"])
+        return dict(v)
 
     def perturb(self, step, value, rng):
         return _perturb_int(value, rng)
@@ -224,14 +232,10 @@ class Linear(Family):
         return f"Solve for $x$: ${p['a']}x {_signed_term(p['b'])} = {p['c']}$."
 
     def compute(self, p, slip=None):
-        v: dict[str, Any] = {}
-
-        def put(k, x):
-            v[k] = slip[1] if slip and slip[0] == k else x
-
-        put("m", p["c"] - p["b"])
-        put("x", Fraction(v["m"], p["a"]))
-        return v
+        v = _Steps(slip)
+        v.put("m", p["c"] - p["b"])
+        v.put("x", Fraction(v["m"], p["a"]))
+        return dict(v)
 
     def perturb(self, step, value, rng):
         if step == "m":
@@ -283,21 +287,17 @@ class FractionFamily(Family):
                 f"\\frac{{{p['c']}}}{{{p['d']}}}$.")
 
     def compute(self, p, slip=None):
-        v: dict[str, Any] = {}
-
-        def put(k, x):
-            v[k] = slip[1] if slip and slip[0] == k else x
-
+        v = _Steps(slip)
         sign = 1 if p["op"] == "+" else -1
-        put("n1", p["a"] * p["d"])
-        put("n2", p["c"] * p["b"])
-        put("n", v["n1"] + sign * v["n2"])
-        put("r", Fraction(v["n"], p["b"] * p["d"]))
+        v.put("n1", p["a"] * p["d"])
+        v.put("n2", p["c"] * p["b"])
+        v.put("n", v["n1"] + sign * v["n2"])
+        v.put("r", Fraction(v["n"], p["b"] * p["d"]))
         # The expert's common-denominator route (always computed from the true values).
         lcm = p["b"] * p["d"] // math.gcd(p["b"], p["d"])
         v["L"], v["e1"], v["e2"] = lcm, p["a"] * (lcm // p["b"]), p["c"] * (lcm // p["d"])
         v["en"] = v["e1"] + sign * v["e2"]
-        return v
+        return dict(v)
 
     def perturb(self, step, value, rng):
         if step == "r":
@@ -353,15 +353,11 @@ class DecimalFamily(Family):
         return f"{p['verb']} ${p['p']} \\times {p['c']} {p['op']} {p['q']}$."
 
     def compute(self, p, slip=None):
-        v: dict[str, Any] = {}
-
-        def put(k, x):
-            v[k] = slip[1] if slip and slip[0] == k else x
-
-        put("m", Decimal(p["p"]) * p["c"])
+        v = _Steps(slip)
+        v.put("m", Decimal(p["p"]) * p["c"])
         q = Decimal(p["q"])
-        put("r", v["m"] + q if p["op"] == "+" else v["m"] - q)
-        return v
+        v.put("r", v["m"] + q if p["op"] == "+" else v["m"] - q)
+        return dict(v)
 
     def perturb(self, step, value, rng):
         return _perturb_dec(value, rng)
@@ -400,14 +396,10 @@ class Precedence(Family):
         return f"{p['verb']} ${p['a']} + {p['b']} \\times {p['c']}$."
 
     def compute(self, p, slip=None):
-        v: dict[str, Any] = {}
-
-        def put(k, x):
-            v[k] = slip[1] if slip and slip[0] == k else x
-
-        put("p", p["b"] * p["c"])
-        put("r", p["a"] + v["p"])
-        return v
+        v = _Steps(slip)
+        v.put("p", p["b"] * p["c"])
+        v.put("r", p["a"] + v["p"])
+        return dict(v)
 
     def perturb(self, step, value, rng):
         return _perturb_int(value, rng)

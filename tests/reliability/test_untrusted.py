@@ -45,7 +45,8 @@ def _payload_pairs(sentinel: Path) -> list[tuple[str, str]]:
     pairs = []
     for m in MALICIOUS:
         text = m.format(s=sentinel)
-        for resp in (rf"\boxed{{{text}}}", f"$\\boxed{{{text}}}$", f"The answer: {text}", rf"\boxed{{x = {text}}}"):
+        for resp in (rf"\boxed{{{text}}}", f"$\\boxed{{{text}}}$", f"The answer: {text}", rf"\boxed{{x = {text}}}",
+                     f"The answer is {text}", f"so the final answer is: {text}."):  # paper mode's phrases
             pairs.append((resp, "5"))
             pairs.append((r"\boxed{5}", text))  # as the reference, too
     return pairs
@@ -82,10 +83,12 @@ def test_untrusted_text_is_never_executed(tmp_path, monkeypatch):
             getattr(mvp, cached).cache_clear()
 
     pairs = _payload_pairs(sentinel)
-    for resp, ref in pairs:
-        v = verify_answer(resp, ref, timeout_s=T)
-        assert not v.correct or resp == ref
-    verify_batch(pairs, workers=2, timeout_s=T)
+    for mode in ("boxed", "paper"):
+        for resp, ref in pairs:
+            v = verify_answer(resp, ref, timeout_s=T, mode=mode)
+            # (paper mode's last-number fallback may find a digit in the sentinel's path)
+            assert not v.correct or resp == ref or mode == "paper"
+        verify_batch(pairs, workers=2, timeout_s=T, mode=mode)
     assert not sentinel.exists()
     assert seen, "the spy is not hooked (sympy.Number('5') goes through parse_expr)"
     numeral = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
