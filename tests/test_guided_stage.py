@@ -118,3 +118,38 @@ def test_guided_align_n_0_skips_resolving_and_passes_every_problem_on(tmp_path, 
     assert (out / "shards" / "manifest.json").exists()
     m = json.loads((tmp_path / "guided.json").read_text())
     assert m["attempted"] == 2 and m["solved"] == 0 and m["samples"] == 0 and m["dropped"]["leak"] == 0
+
+
+def test_guided_shards_are_reused_only_for_the_same_generation_params(tmp_path, tiny_model_dir, prompt_cfg,
+                                                                       load_stage, monkeypatch):
+    """Every param that changes what is generated invalidates the shards; a filter param does not."""
+    from drsft.models import load_tokenizer
+
+    problems = [{"id": f"p{i}", "problem": f"Compute ${i} + 4$.", "solution": f"{i} + 4 = {i + 4}. \\boxed{{{i + 4}}}",
+                 "answer": str(i + 4), "source": "arith"} for i in range(3)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    (tmp_path / "unsolved.jsonl").write_text("".join(json.dumps({"problem_id": p["id"]}) + "\n" for p in problems))
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base["prompt"].update(prompt_cfg)
+    base["guided_align"].update(n=2, shard_size=1)
+    base["verify"].update(workers=1)
+    stage = load_stage("guided_align")
+    monkeypatch.setattr(stage, "make_backend", lambda *a, **k: ScriptedBackend(load_tokenizer(tiny_model_dir)))
+
+    def run(section, key, value):
+        params = yaml.safe_load(yaml.safe_dump(base))
+        params[section][key] = value
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        _run(stage, tmp_path, tiny_model_dir)
+        return json.loads((tmp_path / "guided.json").read_text())["resumed_shards"]
+
+    assert run("guided_align", "seed", 0) == 0                        # the base params, first run
+    for section, key, value, reused in [
+            ("guided_align", "max_shared_ngram", 3, 3),                  # a filter param: generation reused
+            ("rollout", "batch_size", 7, 3),                             # the engine layout: reused
+            ("guided_align", "temperature", 0.7, 0), ("guided_align", "top_p", 0.9, 0),
+            ("guided_align", "max_new_tokens", 64, 0), ("guided_align", "seed", 5, 0),
+            ("guided_align", "n", 3, 0), ("rollout", "stop_token_ids", [3], 0),
+            ("rollout", "dtype", "float32", 0), ("prompt", "instruction", "Solve it.", 0)]:
+        run("guided_align", "seed", 0)                                   # back to the base params' shards
+        assert run(section, key, value) == reused, (section, key)
