@@ -176,3 +176,21 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="differ"):
         weighted_nll(_leaf(p), mask[:, :2], "sft")
     assert set(LOSS_KINDS) == {"sft", "dft", "is", "is_dft"}
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_weights_and_their_statistics_count_response_tokens_only(kind, level):
+    """Every kind weighs masked (prompt, padding) tokens 0, so the trainer's per-tier sums of the
+    weights (drsft.train._StepStats) and the logged weight_mean/weight_max are over response
+    tokens only. Row 0's masked prompt token has p 0.9, more than any response token."""
+    p, mask, b = _batch()
+    out = weighted_nll(_leaf(p), mask, kind, b, torch.tensor([True, False]), is_clip=[0, 10], is_level=level)
+    assert (out.weights[mask == 0] == 0).all()
+    kept = out.weights[mask == 1]
+    assert out.stats["tokens"] == 5
+    assert out.stats["weight_mean"] == pytest.approx(kept.sum().item() / 5, rel=1e-6)
+    assert out.stats["weight_max"] == pytest.approx(kept.max().item(), rel=1e-6)
+    if kind == "dft":
+        assert out.stats["weight_mean"] == pytest.approx((0.5 + 0.25 + 0.8 + 0.4 + 0.1) / 5, rel=1e-6)
+        assert out.stats["weight_max"] == pytest.approx(0.8, rel=1e-6)
