@@ -89,14 +89,15 @@ def plot_png(rows: list[dict], arms: list[str], comparisons: dict, path: str) ->
     plt.close(fig)
 
 
-def _current_ablation(seeds: list[int], value: float) -> bool:
-    """Whether metrics/ablation.json (`make ablation`) holds the four arms at this setting and seeds."""
+def _current_ablation(seeds: list[int], value: float) -> dict | None:
+    """metrics/ablation.json (`make ablation`) when it holds the four arms at this setting and seeds."""
     path = Path("metrics/ablation.json")
     if not path.exists():
-        return False
+        return None
     a = json.loads(path.read_text())
-    return (a.get("seeds") == seeds and a.get("textbook_frac") == value and not a.get("overrides")
+    same = (a.get("seeds") == seeds and a.get("textbook_frac") == value and not a.get("overrides")
             and all(arm in a.get("arms", {}) for arm, _, _ in ARMS))
+    return a if same else None
 
 
 @click.command()
@@ -114,13 +115,14 @@ def main(values, n_seeds, jobs, n_boot, skip_existing, png):
     results = {}
     for v in settings:
         tag = tag_for(v, default)
-        if not tag and _current_ablation(seeds, v):
+        current = None if tag else _current_ablation(seeds, v)
+        if current is not None:
             click.echo(f"== {KNOB}={v:g} (the workspace's setting: metrics/ablation.json) ==", err=True)
-            results[v] = json.loads(Path("metrics/ablation.json").read_text())
+            results[v] = current
             continue
-        names = [exp_name(a, tag, s) for a, _, _ in ARMS for s in seeds]
         # The workspace's own setting is `make ablation`'s: reuse its experiments when they exist.
-        done = (skip_existing or not tag) and all(n in experiments() for n in names)
+        found = experiments() if skip_existing or not tag else {}
+        done = bool(found) and all(exp_name(a, tag, s) in found for a, _, _ in ARMS for s in seeds)
         click.echo(f"== {KNOB}={v:g} ({'summarize existing' if done else 'run'}) ==", err=True)
         results[v] = ablation(ARMS, seeds, tag, (f"{KNOB}={v:g}",) if tag else (), jobs, done, n_boot,
                               f"metrics/ablation-{tag}.json" if tag else "metrics/ablation.json", skip_existing)

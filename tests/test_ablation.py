@@ -1,9 +1,15 @@
 """The ablation's statistics (drsft.ablation): arms x seeds x problems -> metrics/ablation.json."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from drsft.ablation import PAIRS, format_tables, summarize
+from drsft.ablation import ARMS, NOGUIDED_ARMS, PAIRS, format_tables, summarize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from ablation import _walk, experiment_sets  # noqa: E402
 
 
 def _scores(rng, p_by_bench, seeds):
@@ -52,12 +58,6 @@ def test_pairs_with_a_missing_arm_are_skipped():
 def test_experiment_listing_keeps_only_finished_experiments():
     """`dvc exp show --json` (DVC 3's shape) lists queued, running and failed experiments too; the
     ablation reads scores only from finished ones, so a killed run is rerun, never read."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from ablation import _walk
-
     def rev(name, rev, error=None):
         return {"rev": rev, "name": name, "data": {"params": {}}, "error": error}
 
@@ -75,14 +75,6 @@ def test_experiment_listing_keeps_only_finished_experiments():
 
 
 def test_experiment_sets_give_each_arm_its_data_loss_seed_and_upstream_overrides():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from ablation import experiment_sets
-
-    from drsft.ablation import ARMS, NOGUIDED_ARMS
-
     sets = experiment_sets(ARMS + NOGUIDED_ARMS, [0, 1], "lr", ("train.lr=1e-4",))
     assert len(sets) == 10
     assert sets["sft-lr-s1"] == ["train.data=expert", "train.loss=sft", "train.seed=1", "train.lr=1e-4"]
