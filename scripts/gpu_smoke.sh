@@ -3,9 +3,8 @@
 # backend where vllm is not installed), DeepSpeed ZeRO-3 training through the deepspeed launcher,
 # bf16, NCCL -- on the toy model (or a small local one), in minutes.
 #
-# Run history (README "Running at scale"): ran once, on one H200 (2026-11-26) with the hf backend
-# and ZeRO-3 under `deepspeed --num_gpus 1`, through `evaluate` (it hit its time limit in
-# `evaluate_base`). UNRUN: the vLLM backend and more than one GPU.
+# What has run is in the README's "Running at scale" (the run log in docs/results.md).
+# UNRUN: the vLLM backend and more than one GPU.
 #
 # Usage (from the repository, on a CUDA machine):
 #   make install TORCH=torch==2.8.0 && .venv/bin/pip install -e '.[gpu]'   # CUDA torch + vllm
@@ -87,6 +86,7 @@ if model == "toy":
     p["evaluate"]["benchmarks"] = ["toy_" + f for f in pr["toy"]["families"]]
 else:
     pr["source"] = "files"
+    pr["files"]["root"] = shared
     pr["files"]["train"].update(path=f"{shared}/datasets/gsm8k_train.jsonl", problem="question",
                                 solution="answer", answer=None, limit=64, subsample=None)
     pr["files"]["benchmarks"] = [{"name": "math500", "path": f"{shared}/benchmarks/math500.jsonl"}]

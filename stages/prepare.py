@@ -7,7 +7,9 @@ and ``metrics/prepare.json``.
 * ``prepare.source: toy`` -- the embedded synthetic world (drsft.world): ``prepare.toy`` sizes and
   style rates. ``files`` -- training problems from a local jsonl/parquet through the field mapping
   in ``prepare.files.train`` and benchmarks from ``prepare.files.benchmarks`` (a list of
-  ``{name, path}``), both through drsft.data.
+  ``{name, path}``), both through drsft.data; every local file lies in ``prepare.files.root``
+  (a dvc.yaml dep) and ``metrics/prepare.json`` ``inputs`` records each one's sha256 (a hub
+  dataset: its pinned and resolved revision).
 * ``model.base: toy`` -- pretrain the embedded tiny Llama on the toy corpus into ``models/base``
   (``prepare.pretrain``; needs ``prepare.source: toy``): chat examples (drsft.world.pretraining_examples)
   plus ``prepare.toy.n_drills`` arithmetic-table drills (drsft.world.fact_drills) on a
@@ -46,20 +48,25 @@ def toy_problems(prep: dict):
         raise ParamsError(f"params.yaml: prepare.toy: {exc}") from None
 
 
-def file_problems(prep: dict) -> tuple[list[dict], dict[str, list[dict]]]:
+def file_problems(prep: dict, inputs: dict | None = None) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Training problems and benchmarks from ``prepare.files``; ``inputs`` (when given) receives each
+    input's provenance: ``{"train": {...}, "benchmarks": {name: {...}}}`` (file sha256 or hub commit)."""
     from drsft.data import load_benchmark, load_problems, subsample
 
     files = prep["files"]
     tr = files["train"]
+    inputs = {} if inputs is None else inputs
+    inputs["train"], inputs["benchmarks"] = {}, {}
     train = load_problems(tr["path"], problem=tr["problem"], solution=tr["solution"], answer=tr["answer"],
-                          limit=tr["limit"], source=tr["source"])
+                          limit=tr["limit"], source=tr["source"], provenance=inputs["train"])
     try:  # "a 50k-problem subset of the first 100k": limit first, then a seeded subset (file order kept)
         train = subsample(train, tr["subsample"], seed=int(prep["seed"]))
     except ValueError as exc:
         raise ParamsError(f"params.yaml: prepare.files.train.subsample: {exc} ({tr['path']})") from None
     benchmarks: dict[str, list[dict]] = {}
     for b in files["benchmarks"]:  # mappings {name, path}, unique names (drsft.schema)
-        benchmarks[str(b["name"])] = load_benchmark(str(b["name"]), str(b["path"]))
+        prov = inputs["benchmarks"][str(b["name"])] = {}
+        benchmarks[str(b["name"])] = load_benchmark(str(b["name"]), str(b["path"]), provenance=prov)
     if not train:
         raise DataError(tr["path"], None, "no training problems")
     return train, benchmarks
@@ -86,7 +93,8 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
         train, benchmarks = world.train, world.benchmarks
         metrics["toy"] = {k: toy[k] for k in sorted(toy)}
     elif source == "files":
-        train, benchmarks = file_problems(prep)
+        metrics["inputs"] = {}
+        train, benchmarks = file_problems(prep, metrics["inputs"])
     else:
         raise ParamsError(f"params.yaml: prepare.source must be 'toy' or 'files', got {source!r}")
 

@@ -124,3 +124,81 @@ def test_real_gsm8k_loads():
     assert len(rows) == 7473 and rows[0]["id"] == "gsm8k-00000" and rows[0]["answer"] == "72"
     assert all(extract_boxed(r["solution"]) == r["answer"] and "<<" not in r["solution"] for r in rows)
     assert all("," not in r["answer"] for r in rows)
+
+
+# ------------------------------------------------------------------------------- input provenance
+def test_file_provenance_records_size_and_sha256(tmp_path):
+    import hashlib
+
+    path = _jsonl(tmp_path / "g.jsonl", [GSM_ROW])
+    prov: dict = {}
+    load_problems(path, "question", "answer", provenance=prov)
+    assert prov == {"path": str(path), "bytes": path.stat().st_size,
+                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    bench: dict = {}
+    load_benchmark("mine", _jsonl(tmp_path / "b.jsonl", [{"id": "b-1", "problem": "1+1?", "answer": "2"}]),
+                   provenance=bench)
+    assert bench["sha256"] == hashlib.sha256((tmp_path / "b.jsonl").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("AI-MO/NuminaMath-CoT@9d8d210#train", ("AI-MO/NuminaMath-CoT", None, "9d8d210", "train")),
+    ("owner/name:main@v1.0", ("owner/name", "main", "v1.0", "train")),
+    ("owner/name@refs/pr/1#test[:100]", ("owner/name", None, "refs/pr/1", "test[:100]")),
+    ("owner/name", ("owner/name", None, None, "train")),
+    ("data/x.jsonl", None), ("../shared/x.jsonl", None), ("a b/c", None), ("owner/name:cfg.parquet", None),
+])
+def test_parse_hub_spec(spec, want):
+    from drsft.data import parse_hub_spec
+
+    got = parse_hub_spec(spec)
+    assert (got if got is None else (got.repo, got.config, got.revision, got.split)) == want
+
+
+class _StandInBuilder:
+    """What drsft.data needs of datasets.DatasetBuilder: ``hash`` (the commit read), prepare, as_dataset."""
+
+    calls: list = []
+
+    def __init__(self, repo, config, revision):
+        self.hash = "0123456789abcdef0123456789abcdef01234567"
+        _StandInBuilder.calls.append((repo, config, revision))
+
+    def download_and_prepare(self):
+        pass
+
+    def as_dataset(self, split):
+        _StandInBuilder.calls.append(split)
+        return [{"problem": "What is 2+3?", "solution": "2+3=5, so \\boxed{5}.", "answer": "5"}]
+
+
+def test_hub_dataset_is_read_at_a_pinned_revision_and_its_commit_recorded(monkeypatch):
+    import datasets
+
+    _StandInBuilder.calls = []
+    monkeypatch.setattr(datasets, "load_dataset_builder",
+                        lambda repo, config=None, revision=None: _StandInBuilder(repo, config, revision))
+    prov: dict = {}
+    rows = load_problems("owner/numina:cot@main#train[:10]", "problem", "solution", provenance=prov)
+    assert rows[0]["answer"] == "5" and rows[0]["source"] == "numina"
+    assert _StandInBuilder.calls == [("owner/numina", "cot", "main"), "train[:10]"]
+    assert prov == {"hub": "owner/numina", "config": "cot", "split": "train[:10]", "revision": "main",
+                    "resolved_revision": "0123456789abcdef0123456789abcdef01234567"}
+    _StandInBuilder.calls = []
+    load_benchmark("math500", "owner/bench@0123abc", provenance={})
+    assert _StandInBuilder.calls[-1] == "test"  # a benchmark reads split test unless it names one
+
+
+def test_hub_dataset_without_a_revision_or_failing_is_a_clear_error(monkeypatch):
+    import datasets
+
+    def boom(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", boom)
+    with pytest.raises(DataError, match="needs a pinned revision"):
+        load_problems("owner/name", "problem", "solution")
+    with pytest.raises(DataError, match="loading it with datasets failed: no network"):
+        load_problems("owner/name@abc123", "problem", "solution")
+    with pytest.raises(DataError, match="file not found"):
+        load_problems("missing/file.jsonl", "problem", "solution")

@@ -87,3 +87,15 @@ def test_declared_params_exist_in_params_yaml():
             for part in key.split("."):
                 assert isinstance(node, dict) and part in node, f"stage {name}: param {key} not in params.yaml"
                 node = node[part]
+
+
+def test_prepare_depends_on_the_inputs_folder():
+    """Real-scale input files are versioned: prepare declares ``prepare.files.root`` as a dep, and
+    the default root is a folder that exists in a fresh clone (git-tracked, empty of data)."""
+    import subprocess
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["prepare"]
+    assert "${prepare.files.root}" in _dep_paths(stage)
+    root = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]["files"]["root"]
+    tracked = subprocess.run(["git", "ls-files", root], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert f"{root}/README.md" in tracked.split()

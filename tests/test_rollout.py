@@ -364,6 +364,11 @@ def test_end_of_turn_is_found_in_the_chat_template_and_ends_training_responses(t
     toy_plain = load_tokenizer(tiny_model_dir)
     toy_plain.chat_template = None
     assert end_of_turn_id(toy_plain) is None
+    # the answer is cached per tokenizer, and read again when its template changes
+    tok.chat_template = None
+    assert end_of_turn_id(tok) is None and encode_response(tok, "2")[-1] == tok.eos_token_id
+    tok.chat_template = TURN_TEMPLATE
+    assert end_of_turn_id(tok) == end
 
 
 def test_hf_backend_stops_at_the_end_of_turn_and_at_extra_stop_ids(turn_model_dir, prompt_cfg):

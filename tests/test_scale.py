@@ -257,11 +257,15 @@ def test_configs_carry_the_papers_settings(name, model):
     assert ev["benchmarks"] == names and [b["name"] for b in cfg["prepare"]["files"]["benchmarks"]] == names
     assert cfg["rollout"]["backend"] == "vllm" and cfg["rollout"]["data_parallel_size"] * \
         cfg["rollout"]["tensor_parallel_size"] == 8
-    # Every benchmark path resolves from the repo root and loads (the five published files).
+    # Every input lies in the declared inputs folder, and the benchmark files the config names are the
+    # five published ones (here in ../shared/benchmarks; a user copies them into data/external/benchmarks).
+    root = cfg["prepare"]["files"]["root"]
+    assert root == "data/external" and cfg["prepare"]["files"]["train"]["path"].startswith(root + "/")
     for b in cfg["prepare"]["files"]["benchmarks"]:
-        path = ROOT / b["path"]
-        if path.exists():
-            assert load_benchmark(b["name"], str(path))
+        assert b["path"] == f"{root}/benchmarks/{b['name']}.jsonl"
+        published = ROOT.parent / "shared" / "benchmarks" / f"{b['name']}.jsonl"
+        if published.exists():
+            assert load_benchmark(b["name"], str(published))
 
 
 def test_config_prompts_render_the_papers_user_turns():
@@ -361,3 +365,29 @@ def test_gpu_smoke_params_pass_the_schema(model, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "smoke params: OK" in out.stdout
     assert not list(tmp_path.glob("drsft-gpu-smoke.*")), "the throw-away copy was not removed"
+
+
+def test_local_inputs_must_lie_in_the_declared_inputs_folder():
+    """prepare depends on prepare.files.root (dvc.yaml), so a local input elsewhere could change
+    without prepare rerunning: the schema refuses it, naming the key; a pinned hub id is exempt."""
+    from drsft.schema import check
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    files = data["prepare"]["files"]
+    data["prepare"]["source"], data["model"]["base"] = "files", "some/model"
+    data["evaluate"]["benchmarks"] = ["math500"]
+    files["benchmarks"] = [{"name": "math500", "path": "data/external/benchmarks/math500.jsonl"}]
+    assert check(data) == []
+    files["benchmarks"][0]["path"] = "../shared/benchmarks/math500.jsonl"
+    files["train"]["path"] = "data/external/../../elsewhere.jsonl"
+    problems = dict(check(data))
+    assert set(problems) == {"prepare.files.train.path", "prepare.files.benchmarks[0].path"}
+    assert "is outside prepare.files.root ('data/external')" in problems["prepare.files.train.path"]
+    files["train"]["path"] = "AI-MO/NuminaMath-CoT@0123abc#train"
+    files["root"] = "../shared"
+    assert check(data) == []
+    files["root"] = "data"
+    assert "contains prepare's own output data/prepare" in dict(check(data))["prepare.files.root"]
+    data["prepare"]["source"], data["model"]["base"] = "toy", "toy"  # unused by the embedded world
+    data["evaluate"]["benchmarks"] = ["toy_arith"]
+    assert check(data) == []

@@ -18,9 +18,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from drsft.fingerprint import file_sha256
 from drsft.io import DataError, check_unique_ids, iter_jsonl
 from drsft.verify import extract_boxed
 
@@ -36,22 +38,56 @@ _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 # Row sources
 # --------------------------------------------------------------------------------------------------
 
-def _iter_rows(path: str) -> Iterator[tuple[int, dict]]:
-    """``(line, row)`` from a jsonl/parquet file, or from a ``datasets`` id when ``path`` is not a file."""
+def _iter_rows(path: str, default_split: str = "train", provenance: dict | None = None) -> Iterator[tuple[int, dict]]:
+    """``(line, row)`` from a jsonl/parquet file, or from a pinned ``datasets`` id (:func:`parse_hub_spec`).
+
+    ``provenance``, when given, is filled with what names the input exactly: a file's path, size and
+    sha256, or a hub dataset's id, config, split, requested revision and resolved commit.
+    """
     p = Path(path)
     if p.is_file():
+        if provenance is not None:
+            provenance.update({"path": path, "bytes": p.stat().st_size, "sha256": file_sha256(p)})
         if p.suffix == ".parquet":
             yield from _iter_parquet(p)
         else:
             yield from iter_jsonl(p)
         return
-    if p.exists() or p.suffix in (".jsonl", ".json", ".parquet") or not _looks_like_hub_id(path):
-        raise DataError(path, None, "file not found (nor a datasets id 'owner/name[:config][@split]')")
-    yield from _iter_hub(path)
+    spec = None if p.exists() else parse_hub_spec(path, default_split)
+    if spec is None:
+        raise DataError(path, None, "file not found (nor a datasets id owner/name[:config]@revision[#split])")
+    if not spec.revision:
+        raise DataError(path, None, "a datasets id needs a pinned revision: owner/name[:config]@<commit>[#split] "
+                                    "(DVC reruns prepare when params change, not when a hub dataset does)")
+    yield from _iter_hub(spec, path, provenance)
 
 
-def _looks_like_hub_id(s: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?(@[\w.\[\]:%+-]+)?", s))
+_HUB_SPEC = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<config>[\w.-]+))?(?:@(?P<revision>[\w./-]+?))?"
+                       r"(?:#(?P<split>[\w.\[\]:%+-]+))?")
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """A ``datasets`` hub id: ``owner/name[:config][@revision][#split]``."""
+
+    repo: str
+    config: str | None
+    revision: str | None
+    split: str
+
+
+def parse_hub_spec(spec: str, default_split: str = "train") -> HubSpec | None:
+    """The parts of ``owner/name[:config][@revision][#split]``, or ``None`` when ``spec`` is not one.
+
+    A name ending in ``.jsonl``/``.json``/``.parquet`` is a file, never a hub id. ``revision`` is a commit
+    (a branch or tag is accepted and resolved to its commit when loaded); ``split`` defaults to
+    ``default_split``.
+    """
+    m = _HUB_SPEC.fullmatch(spec)
+    if m is None or m["repo"].endswith(_FILE_SUFFIXES) or (m["config"] or "").endswith(_FILE_SUFFIXES):
+        return None
+    return HubSpec(m["repo"], m["config"], m["revision"], m["split"] or default_split)
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:
@@ -71,19 +107,24 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _iter_hub(spec: str) -> Iterator[tuple[int, dict]]:
-    """``<repo_id>[:<config>][@<split>]`` (split defaults to ``train``) via ``datasets.load_dataset``.
+def _iter_hub(spec: HubSpec, name: str, provenance: dict | None) -> Iterator[tuple[int, dict]]:
+    """Rows of a pinned hub dataset through ``datasets`` (its cache, or the network where there is one).
 
-    Real-scale path: needs the dataset in the local HF cache or network access; not exercised by tests.
+    Real-scale path: needs the dataset in the local HF cache or network access; tested with a stand-in
+    ``datasets.load_dataset_builder`` (tests/test_data.py).
     """
     import datasets
 
-    rest, _, split = spec.partition("@")
-    repo, _, config = rest.partition(":")
     try:
-        ds = datasets.load_dataset(repo, config or None, split=split or "train")
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(spec, None, f"not a file, and datasets.load_dataset failed: {exc}") from None
+        builder = datasets.load_dataset_builder(spec.repo, spec.config, revision=spec.revision)
+        builder.download_and_prepare()
+        ds = builder.as_dataset(split=spec.split)
+    except Exception as exc:  # noqa: BLE001 - hub, cache and builder errors of every kind
+        raise DataError(name, None, f"not a file, and loading it with datasets failed: {exc}") from None
+    if provenance is not None:
+        # For a hub dataset the builder's hash is the commit its files were read at.
+        provenance.update({"hub": spec.repo, "config": spec.config, "split": spec.split,
+                           "revision": spec.revision, "resolved_revision": getattr(builder, "hash", None)})
     for i, row in enumerate(ds, start=1):
         yield i, dict(row)
 
@@ -157,20 +198,23 @@ def _gsm8k_solution(body: str, answer: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def load_problems(path: str | os.PathLike, problem: str, solution: str, answer: str | None = None,
-                  limit: int | None = None, source: str | None = None) -> list[dict]:
-    r"""Problem records from a jsonl / parquet file (or a ``datasets`` id ``repo[:config][@split]``).
+                  limit: int | None = None, source: str | None = None, provenance: dict | None = None) -> list[dict]:
+    r"""Problem records from a jsonl / parquet file (or a pinned ``datasets`` id, :func:`parse_hub_spec`).
 
     ``problem`` / ``solution`` / ``answer`` name the fields. ``answer=None``: the answer comes from the
     solution -- a GSM8K ``#### x`` line (then the solution is cleaned and ends in ``\boxed{x}``), else the
-    solution's last ``\boxed{}``. ``limit`` keeps the first rows. ``source`` defaults to the file stem.
+    solution's last ``\boxed{}``. ``limit`` keeps the first rows. ``source`` defaults to the file stem
+    (a hub dataset: its name).
     ids: the file's ``id`` field when present (as a string), else ``<source>-<row index:05d>``.
+    ``provenance``: filled as :func:`_iter_rows` does (file sha256, or the hub commit read).
     """
     path = str(path)
-    src = source or Path(path).stem or path.replace("/", "_")
+    hub = None if Path(path).exists() else parse_hub_spec(path)
+    src = source or (hub.repo.split("/")[-1] if hub else Path(path).stem) or path.replace("/", "_")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     rows: list[tuple[int, dict]] = []
-    for index, (line, rec) in enumerate(_iter_rows(path)):
+    for index, (line, rec) in enumerate(_iter_rows(path, "train", provenance)):
         if limit is not None and index >= limit:
             break
         prob = rec.get(problem)
@@ -239,7 +283,7 @@ def _benchmark_row(name: str, path: str, line: int, rec: dict) -> tuple[str, str
                                 f"(record format) or the name must be one of {', '.join(KNOWN_BENCHMARKS)}")
 
 
-def load_benchmark(name: str, path: str | os.PathLike) -> list[dict]:
+def load_benchmark(name: str, path: str | os.PathLike, provenance: dict | None = None) -> list[dict]:
     r"""Problem records of a benchmark file.
 
     A file already in the record format (rows with a string ``id``, ``problem`` and string ``answer``:
@@ -248,11 +292,12 @@ def load_benchmark(name: str, path: str | os.PathLike) -> list[dict]:
     ``solution``), olympiadbench (``question``/``final_answer`` list joined with ", ", dollars
     stripped/``solution`` list joined with blank lines), aime24 (``problem``/``answer``), amc23
     (``problem``/``answer`` float, 27.0 -> "27"). ids are ``<name>-<row index:04d>``. A row without a usable
-    reference answer raises DataError naming file and line.
+    reference answer raises DataError naming file and line. A hub id reads split ``test`` unless it
+    names one; ``provenance`` as in :func:`load_problems`.
     """
     path = str(path)
     out: list[tuple[int, dict]] = []
-    for index, (line, rec) in enumerate(_iter_rows(path)):
+    for index, (line, rec) in enumerate(_iter_rows(path, "test", provenance)):
         if _is_record(rec):
             prob = _text(rec.get("problem"), path, line, "problem")
             ans = _answer_text(rec.get("answer"), path, line, "answer")

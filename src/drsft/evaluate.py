@@ -24,7 +24,7 @@ def generate_and_verify(backend, problems: Sequence[Mapping], prompts: Sequence[
     completions = backend.generate(list(prompts), sp, progress=True) if prompts else []
     flat = [(p, i, c) for p, comps in zip(problems, completions) for i, c in enumerate(comps)]
     verdicts = verify_batch([(c.text, p["answer"]) for p, _, c in flat], workers=int(verify_cfg["workers"]),
-                            timeout_s=float(verify_cfg["timeout_s"]), mode=verify_cfg.get("mode", "boxed"))
+                            timeout_s=float(verify_cfg["timeout_s"]), mode=verify_cfg["mode"])
     return [(p, i, c, v) for (p, i, c), v in zip(flat, verdicts)]
 
 

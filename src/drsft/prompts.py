@@ -7,6 +7,8 @@ token sequence the trainer conditions on.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Mapping
 
 
@@ -46,12 +48,31 @@ def _special_ids(tokenizer) -> set[int]:
     return ids | {int(i) for i, t in added.items() if getattr(t, "special", False)}
 
 
+# end_of_turn_id per tokenizer object (weakly held), with the chat template it was read from: the
+# answer is needed once per training row, and rendering a template each time costs more than the row.
+_EOT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def end_of_turn_id(tokenizer) -> int | None:
     """The special token that closes an assistant turn in the tokenizer's chat template (Qwen's
     ``<|im_end|>``, Llama 3's ``<|eot_id|>``), or None: no template, or the turn ends in plain text.
 
     Found by rendering a conversation whose assistant turn is a marker and reading the first
-    non-blank token after it, which must be a special token."""
+    non-blank token after it, which must be a special token. Cached per tokenizer and template."""
+    template = getattr(tokenizer, "chat_template", None)
+    try:
+        hit = _EOT_CACHE.get(tokenizer)
+    except TypeError:  # an unhashable tokenizer stand-in: no cache
+        hit = None
+    if hit is not None and hit[0] == template:
+        return hit[1]
+    found = _find_end_of_turn(tokenizer)
+    with contextlib.suppress(TypeError):
+        _EOT_CACHE[tokenizer] = (template, found)
+    return found
+
+
+def _find_end_of_turn(tokenizer) -> int | None:
     if not getattr(tokenizer, "chat_template", None):
         return None
     messages = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": _TURN_MARK}]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -216,7 +217,7 @@ class ProbeSection(_Section):
 class TrainFile(_Section):
     """drsft.data.load_problems arguments: the file and its field mapping."""
 
-    path: NonEmptyStr                  # jsonl / parquet, or a datasets id repo[:config][@split]
+    path: NonEmptyStr                  # jsonl / parquet inside files.root, or owner/name[:config]@revision[#split]
     problem: NonEmptyStr
     solution: NonEmptyStr
     answer: NonEmptyStr | None         # null: from the solution (GSM8K "#### x", else last \boxed{})
@@ -236,6 +237,7 @@ class BenchmarkFile(_Section):
 
 
 class FilesSection(_Section):
+    root: NonEmptyStr                  # the folder of every local input: prepare depends on it (dvc.yaml)
     train: TrainFile
     benchmarks: list[BenchmarkFile]
 
@@ -445,6 +447,8 @@ def cross_section_problems(p: Params) -> list[tuple[str, str]]:
     if p.model.base == "toy" and p.prepare.pretrain.drill_frac > 0 and p.prepare.toy.n_drills == 0:
         out.append(("prepare.pretrain.drill_frac", f"is {p.prepare.pretrain.drill_frac} but prepare.toy.n_drills is 0 "
                                                    "(no drills to train on)"))
+    if p.prepare.source == "files":
+        out += _input_problems(p.prepare.files)
     prepared = prepared_benchmarks(p)
     for i, name in enumerate(p.evaluate.benchmarks):
         if name not in prepared:
@@ -452,6 +456,37 @@ def cross_section_problems(p: Params) -> list[tuple[str, str]]:
             out.append((f"evaluate.benchmarks[{i}]",
                         f"{_show(name)} is not a benchmark prepare writes (from {where}: "
                         f"{', '.join(map(repr, prepared)) or 'none'})"))
+    return out
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies in ``folder`` (lexically, both relative to the repo root)."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+    return rel == "." or not (rel == ".." or rel.startswith(".." + os.sep))
+
+
+# prepare's outputs (dvc.yaml): the inputs' folder must not contain them.
+_PREPARE_OUTS = ("data/prepare", "models/base")
+
+
+def _input_problems(files: FilesSection) -> list[tuple[str, str]]:
+    """Local inputs must lie in ``files.root`` (prepare's declared dep, so replacing a file reruns
+    prepare); a ``datasets`` id is recognised by its ``@revision`` (drsft.data.parse_hub_spec)."""
+    out: list[tuple[str, str]] = []
+    root = files.root
+    for outp in _PREPARE_OUTS:
+        if _inside(outp, root):
+            out.append(("prepare.files.root", f"{_show(root)} contains prepare's own output {outp}: "
+                                              "name the folder that holds the input files"))
+    named = [("prepare.files.train.path", files.train.path)]
+    named += [(f"prepare.files.benchmarks[{i}].path", b.path) for i, b in enumerate(files.benchmarks)]
+    for key, path in named:
+        if "@" in path or _inside(path, root):
+            continue
+        out.append((key, f"{_show(path)} is outside prepare.files.root ({_show(root)}): prepare depends on that "
+                         "folder, so a file elsewhere could change without prepare rerunning. Put the file "
+                         "there, point the root at its folder, or name a pinned datasets id "
+                         "owner/name[:config]@<commit>"))
     return out
 
 

@@ -34,10 +34,9 @@ cosine to 0) that the engine steps at each optimizer step. On a machine without 
 sets ``DS_ACCELERATOR=cpu`` and uses gloo. Without a launcher it runs as a single process
 (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT defaulted); with
 ``torchrun --nproc_per_node N stages/train.py`` or ``deepspeed stages/train.py`` it runs data
-parallel. Multi-node runs need the checkpoint folder on a shared file system. On one GPU (an
-H200, 2026-11-26) bf16, NCCL, ZeRO-2 and ZeRO-3 with partitioned loading through
-``HfDeepSpeedConfig`` and the consolidated save ran, also under the ``deepspeed`` launcher (README,
-"Running at scale"); more than one GPU and more than one node have not run.
+parallel. Multi-node runs need the checkpoint folder on a shared file system. ZeRO-3 loads the
+model partitioned through ``HfDeepSpeedConfig`` and saves a consolidated copy. What has run on GPUs
+(and what has not) is listed in the README's "Running at scale".
 
 Checkpoints. Every ``save_every`` optimizer steps and after the last step the engine saves a
 checkpoint (model, ZeRO optimizer partitions, LR schedule, client state: step, loss history,
