@@ -22,8 +22,9 @@ import torch
 
 from drsft.io import DataError, read_json, write_jsonl
 from drsft.params import ParamsError
-from drsft.train import (Example, accumulation_steps, batch_plan, collate, deepspeed_config, load_examples,
-                         lr_factor, micro_slots, run_fingerprint, validate_config, warmup_steps_for)
+from drsft.train import (Example, accumulation_steps, batch_plan, check_packing, collate, collate_packed,
+                         deepspeed_config, forward_logprobs, load_examples, lr_factor, micro_batch_tokens,
+                         micro_slots, run_fingerprint, token_slots, validate_config, warmup_steps_for)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "stages" / "train.py"
@@ -32,7 +33,8 @@ TRAIN_CFG = {
     "data": "rewritten", "loss": "is", "is_clip": [0.0, 2.0], "is_level": "token", "zero_stage": 2,
     "lr": 3.0e-3, "epochs": 1, "micro_batch_size": 3, "global_batch_size": 12, "max_length": 96,
     "warmup_ratio": 0.25, "weight_decay": 0.01, "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "save_every": 2,
-    "seed": 0, "gradient_checkpointing": False,
+    "seed": 0, "gradient_checkpointing": False, "packing": False, "batching": "rows",
+    "max_tokens_per_micro_batch": 4096,
 }
 N_ROWS = 40          # 4 optimizer steps of 12, 12, 12, 4 rows: the last global batch is short
 
@@ -225,6 +227,101 @@ def test_collate_aligns_targets_mask_and_behaviour():
     assert dummy["mask"].sum() == 0 and dummy["input_tokens"] == 0
 
 
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_token_slots_cover_every_row_once_within_the_budget(packed, world):
+    import random
+
+    rnd = random.Random(world)
+    lengths = [rnd.randint(5, 90) for _ in range(64)]
+    gidx = list(range(3, 51))
+    plan = token_slots(gidx, lengths, 120, world, packed)
+    assert plan == token_slots(gidx, lengths, 120, world, packed) and len(plan) == world
+    assert len({len(p) for p in plan}) == 1                      # ranks pair their backward passes
+    rows = [i for p in plan for slot in p for i in slot]
+    assert sorted(rows) == gidx                                   # each row exactly once
+    assert all(micro_batch_tokens([lengths[i] for i in slot], packed) <= 120 for p in plan for slot in p)
+    loads = [sum(lengths[i] for slot in p for i in slot) for p in plan]
+    assert max(loads) - min(loads) <= max(lengths[i] for i in gidx)   # balanced (greedy, longest first)
+    assert micro_batch_tokens([3, 5], True) == 8 and micro_batch_tokens([3, 5], False) == 10
+    assert token_slots([7], lengths, 120, 2, packed) == [[[7]], [[]]]
+
+
+def test_token_budget_must_hold_the_longest_row():
+    with pytest.raises(ParamsError, match=r"max_tokens_per_micro_batch: must be >= train\.max_length \(96\)"):
+        validate_config({**TRAIN_CFG, "batching": "tokens", "max_tokens_per_micro_batch": 95})
+    validate_config({**TRAIN_CFG, "batching": "rows", "max_tokens_per_micro_batch": 95})
+
+
+def test_collate_packed_concatenates_rows_and_maps_targets_back():
+    a = Example("a", "self", [1, 2, 3, 10, 11], 3, [-0.5, -0.25])
+    b = Example("b", "expert", [1, 2, 20, 21, 22, 23], 2, None)
+    batch = collate_packed([a, b], pad_id=0)
+    assert batch["packed_ids"].tolist() == [[1, 2, 3, 10, 11, 1, 2, 20, 21, 22, 23]]
+    assert batch["packed_positions"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]]
+    assert batch["packed_labels"].tolist() == [[2, 3, 10, 11, 1, 2, 20, 21, 22, 23]]
+    # padded target (i, t) -> packed target; a's last token (which would predict b's first) is never used
+    assert batch["unpack"].tolist() == [[0, 1, 2, 3, 0], [5, 6, 7, 8, 9]]
+    labels = batch["packed_labels"][0][batch["unpack"]]
+    m = batch["mask"].bool()
+    assert torch.equal(labels[m], collate([a, b], pad_id=0)["labels"][m])
+    assert batch["input_tokens"] == 11 and batch["tiers"] == ["self", "expert"]
+
+
+def _train_rows(path: Path, tok, n: int) -> list:
+    from drsft.train import load_examples
+
+    examples, _ = load_examples(path, tok, 96, len(tok))
+    return examples[:n]
+
+
+@pytest.mark.parametrize("kind,level", [("sft", "token"), ("dft", "token"), ("is", "token"), ("is", "sequence"),
+                                        ("is_dft", "token"), ("is_dft", "sequence")])
+def test_packed_batch_gives_the_padded_batch_loss_and_gradients(kind, level, tiny_model_dir, train_file):
+    """Rows of different lengths (two truncated at max_length) as one packed sequence: the loss and
+    every parameter's gradient equal the right-padded batch's (float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drsft.losses import weighted_nll
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = _train_rows(train_file, tok, 9)
+    assert len({len(e.input_ids) for e in rows}) > 3 and any(e.behaviour is not None for e in rows)
+    results = []
+    for packed in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        batch = (collate_packed if packed else collate)(rows, tok.pad_token_id)
+        logp = forward_logprobs(model, batch, "cpu", packed)
+        out = weighted_nll(logp, batch["mask"], kind, batch["behaviour"], batch["known"], is_clip=[0.0, 2.0],
+                           is_level=level, normaliser=123.0)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_check_packing_catches_a_model_whose_rows_see_each_other(tiny_model_dir, train_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = _train_rows(train_file, tok, 2)
+    assert check_packing(model, rows, tok.pad_token_id, "cpu", tol=1e-3) < 1e-4
+
+    class IgnoresPositions(torch.nn.Module):   # modelling code that builds its own plain causal mask
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    with pytest.raises(RuntimeError, match="does not confine packed rows"):
+        check_packing(IgnoresPositions(model), rows, tok.pad_token_id, "cpu", tol=1e-3)
+
+
 def test_fingerprint_tracks_params_data_model_and_world_size(tmp_path, tiny_model_dir):
     data = tmp_path / "d.jsonl"
     data.write_text('{"a": 1}\n')
@@ -341,6 +438,41 @@ def test_loss_is_the_token_mean_over_the_global_batch_whatever_the_micro_batches
     assert one["final_loss"] == pytest.approx(ref["final_loss"], rel=1e-5)
     a, b = _weights(work / "single_model"), _weights(work / "micro12_model")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_packed_two_process_run_matches_the_padded_run(runs, tiny_model_dir, train_file):
+    """train.packing: ZeRO-2 over two processes with packed micro-batches trains as the padded
+    single-process reference run (same global batches), and the stage checks the packing first."""
+    work = runs["work"]
+    params = _write_params(work / "params_packed.yaml", packing=True)
+    proc = _run_stage(work, params, train_file, tiny_model_dir, "packed", nproc=2)
+    assert "packing: packed rows match rows alone" in proc.stderr
+    one, packed = read_json(work / "single_metrics.json"), read_json(work / "packed_metrics.json")
+    assert packed["world_size"] == 2 and packed["input_tokens"] == one["input_tokens"]
+    assert packed["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
+    assert packed["weights"]["self"]["clip_frac"] == pytest.approx(one["weights"]["self"]["clip_frac"], abs=1e-3)
+    a, b = _weights(work / "single_model"), _weights(work / "packed_model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_token_budget_batches_train_as_the_row_batches(packing, runs, tiny_model_dir, train_file):
+    """batching: tokens over two processes (micro-batches of at most 100 tokens: a varying number per
+    rank and step, empty ones where a rank has fewer) trains on the same global batches as the
+    reference run, with the same result."""
+    work = runs["work"]
+    name = f"tokens{int(packing)}"
+    params = _write_params(work / f"params_{name}.yaml", packing=packing, batching="tokens",
+                           max_tokens_per_micro_batch=100)
+    _run_stage(work, params, train_file, tiny_model_dir, name, nproc=2)
+    one, tok = read_json(work / "single_metrics.json"), read_json(work / f"{name}_metrics.json")
+    assert tok["batching"] == "tokens" and tok["micro_batches_per_step"] > 2
+    assert tok["response_tokens"] == one["response_tokens"] and tok["input_tokens"] == one["input_tokens"]
+    assert tok["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
+    assert tok["mean_loss"] == pytest.approx(one["mean_loss"], rel=1e-4)
+    assert tok["padding_share"] < one["padding_share"] or packing is False
+    a, b = _weights(work / "single_model"), _weights(work / f"{name}_model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
 def test_kill_and_resume_replays_remaining_batches_exactly(runs, tiny_model_dir, train_file):

@@ -362,6 +362,9 @@ class TrainSection(_Section):
     adam_betas: Annotated[list, BeforeValidator(_adam_betas)]
     grad_clip: NonNegNum               # 0 = off
     gradient_checkpointing: Bool
+    packing: Bool                      # a micro-batch's rows as one padding-free packed sequence
+    batching: Literal["rows", "tokens"]  # micro-batches of micro_batch_size rows, or by token budget
+    max_tokens_per_micro_batch: PosInt   # batching: tokens -- the budget (packed: sum of lengths)
     save_every: PosInt
     seed: Seed
     launcher: NonEmptyStr              # the command that runs stages/train.py (dvc.yaml cmd)
@@ -372,6 +375,15 @@ class TrainSection(_Section):
         micro = info.data.get("micro_batch_size")
         if micro is not None and value % micro:
             raise ValueError(f"must be a multiple of train.micro_batch_size ({micro}) (got {value})")
+        return value
+
+    @field_validator("max_tokens_per_micro_batch")
+    @classmethod
+    def _budget_holds_a_row(cls, value: int, info: ValidationInfo) -> int:
+        longest = info.data.get("max_length")
+        if info.data.get("batching") == "tokens" and longest is not None and value < longest:
+            raise ValueError(f"must be >= train.max_length ({longest}) with batching: tokens, so that every row "
+                             f"fits in a micro-batch (got {value})")
         return value
 
     @field_validator("launcher")

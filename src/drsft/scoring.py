@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from drsft.prompts import encode_prompt
 
 
+_FP32_CHUNK = 4096   # positions per transient fp32 copy of low-precision logits
+
+
 def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``log_softmax(logits)[..., label]`` computed in fp32, at temperature 1.
 
@@ -23,8 +26,8 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Returns fp32 ``[...]``. Labels < 0 (e.g. the ``-100`` ignore index) give 0.0. Differentiable.
     Computed with the fused ``cross_entropy`` kernel (one pass, no materialised log-softmax): on fp32
     logits over the whole batch at once; on lower-precision logits (bf16 on GPU) one leading row
-    (sequence) at a time, so the transient fp32 copy of the logits is one sequence, not the whole
-    batch (matters for bf16 logits of a 150k vocabulary).
+    (sequence) at a time, in chunks of 4,096 positions, so the transient fp32 copy of the logits is at
+    most one chunk, not the whole batch (matters for bf16 logits of a 150k vocabulary).
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"gather_logprobs: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
@@ -39,8 +42,9 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     safe = labels.masked_fill(~valid, -100)     # any negative label is ignored (0.0), not only -100
     if logits.dtype == torch.float32 or logits.dim() <= 2:
         out = one(logits, safe)
-    else:
-        rows = [one(lg, lb) for lg, lb in zip(logits, safe)]
+    else:  # a packed micro-batch is one long row: chunk it too
+        rows = [torch.cat([one(c, d) for c, d in zip(lg.split(_FP32_CHUNK), lb.split(_FP32_CHUNK))])
+                for lg, lb in zip(logits, safe)]
         out = torch.stack(rows) if rows else logits.new_zeros(labels.shape, dtype=torch.float32)
     return out.masked_fill(~valid, 0.0)
 

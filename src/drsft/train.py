@@ -15,11 +15,25 @@ that remain. The last global batch of an epoch may be short (no row is dropped).
 is cut into ``gradient_accumulation_steps x world_size`` micro-batches of ``micro_batch_size``;
 rank ``r`` gets slots ``m * world_size + r``. A slot left empty by a short batch runs a forward
 and backward on a masked dummy row (loss 0) so that every rank takes part in the collectives.
+With ``batching: tokens`` the global batch is still ``global_batch_size`` rows (the paper's 256
+keep their meaning), but each rank's share (rows dealt longest first to the least-loaded rank) is
+cut into micro-batches of at most ``max_tokens_per_micro_batch`` tokens (:func:`token_slots`), so
+their number varies; ranks with fewer run dummies, and the trainer sets DeepSpeed's accumulation
+boundary itself (``set_gradient_accumulation_boundary``, one ``engine.step()`` per global batch).
+
+Packing. With ``packing: true`` a micro-batch's rows run as one padding-free sequence
+(:func:`collate_packed`): position ids restart at 0 for each row, which transformers' masks read
+as separate sequences (attention confined to each row; flash-attention runs them variable-length,
+SDPA and eager with a block-diagonal mask). The log-probs are mapped back to the padded layout, so
+the loss, weights, behaviour log-probs and per-tier statistics are those of the padded batch.
+Before the first step :func:`check_packing` runs two rows packed and alone and stops the run if
+they differ (a model whose attention ignores packed position ids would let rows see each other).
 
 Normalisation. The loss is the token mean over **all response tokens of the global batch**:
 every rank knows the plan, so it knows that count without communication, and each micro-batch
 divides its weighted sum by ``tokens_global / (gradient_accumulation_steps * world_size)``;
-DeepSpeed then divides by the accumulation steps and averages over ranks. The result does not
+DeepSpeed then divides by the accumulation steps and averages over ranks (with ``batching:
+tokens``: by ``tokens_global / world_size``, and no division by the accumulation steps). The result does not
 depend on how the batch is split over micro-batches and processes (the 1- vs 2-process test).
 
 Cost. One forward per micro-batch: ``gather_logprobs`` turns the logits into the target-token
@@ -255,6 +269,68 @@ def micro_slots(global_idx: Sequence[int], micro_batch: int, gas: int, world_siz
     return out
 
 
+def micro_batch_tokens(lengths: Sequence[int], packed: bool) -> int:
+    """What a micro-batch of rows of these lengths computes: the sum of lengths when packed, the
+    rows times the longest when padded."""
+    if not lengths:
+        return 0
+    return sum(lengths) if packed else len(lengths) * max(lengths)
+
+
+def token_slots(global_idx: Sequence[int], lengths: Sequence[int], budget: int, world_size: int,
+                packed: bool) -> list[list[list[int]]]:
+    """Every rank's micro-batches of one global batch under a token budget (``batching: tokens``).
+
+    Rows go longest first to the rank with the fewest tokens so far, then, on each rank, first-fit
+    into micro-batches of at most ``budget`` tokens (:func:`micro_batch_tokens`). Every rank gets
+    the same number of micro-batches (empty ones where it has fewer), so the ranks' backward passes
+    pair up. A pure function of its inputs: each rank computes the whole plan and takes its part.
+    """
+    order = sorted(global_idx, key=lambda i: (-lengths[i], i))
+    loads, shares = [0] * world_size, [[] for _ in range(world_size)]
+    for i in order:
+        r = min(range(world_size), key=lambda k: (loads[k], k))
+        shares[r].append(i)
+        loads[r] += lengths[i]
+    plans = []
+    for rows in shares:
+        bins: list[list[int]] = []
+        for i in rows:
+            for b in bins:
+                if micro_batch_tokens([lengths[j] for j in b] + [lengths[i]], packed) <= budget:
+                    b.append(i)
+                    break
+            else:
+                bins.append([i])
+        plans.append(bins)
+    n = max(1, max(len(b) for b in plans))
+    return [b + [[] for _ in range(n - len(b))] for b in plans]
+
+
+def step_slots(gidx: Sequence[int], lengths: Sequence[int], cfg: Mapping[str, Any], gas: int, world_size: int
+               ) -> list[list[list[int]]]:
+    """Every rank's micro-batches (lists of example indices) of one global batch, for either batching."""
+    if cfg["batching"] == "tokens":
+        return token_slots(gidx, lengths, cfg["max_tokens_per_micro_batch"], world_size, cfg["packing"])
+    return [micro_slots(gidx, cfg["micro_batch_size"], gas, world_size, r) for r in range(world_size)]
+
+
+def batching_summary(plan: Sequence[Sequence[int]], lengths: Sequence[int], cfg: Mapping[str, Any], gas: int,
+                     world_size: int) -> dict:
+    """Micro-batches per rank and step, and the share of computed tokens that are padding."""
+    n_micro = computed = real = 0
+    for gidx in plan:
+        slots = step_slots(gidx, lengths, cfg, gas, world_size)
+        n_micro += len(slots[0])
+        for rank_slots in slots:
+            for slot in rank_slots:
+                ls = [lengths[i] for i in slot]
+                computed += micro_batch_tokens(ls, cfg["packing"])
+                real += sum(ls)
+    return {"micro_batches_per_step": n_micro / max(1, len(plan)), "computed_tokens": computed,
+            "padding_share": 1 - real / computed if computed else 0.0}
+
+
 def collate(examples: Sequence[Example], pad_id: int, dummy: bool = False) -> dict:
     """Right-padded tensors. Targets are shifted: column t of ``labels``/``mask``/``behaviour`` is
     the token at position t+1, predicted by the logits at position t. ``dummy`` masks everything."""
@@ -280,6 +356,71 @@ def collate(examples: Sequence[Example], pad_id: int, dummy: bool = False) -> di
     return {"input_ids": ids, "attention_mask": attn, "position_ids": positions, "labels": ids[:, 1:].clone(),
             "mask": mask, "behaviour": beh, "known": known, "tiers": [e.tier for e in examples],
             "input_tokens": 0 if dummy else int(attn.sum())}
+
+
+def collate_packed(examples: Sequence[Example], pad_id: int, dummy: bool = False) -> dict:
+    """:func:`collate` plus the same rows packed into one padding-free sequence.
+
+    ``packed_ids``/``packed_positions`` (1, N): the rows concatenated, position ids restarting at 0
+    for each row (transformers then confines attention to each row: ``find_packed_sequence_indices``);
+    ``packed_labels`` (1, N - 1): the next token of each position. ``unpack`` (B, L - 1) maps each
+    target of the padded layout to its position in the packed log-probs, so the loss, the behaviour
+    log-probs, the weights and the per-tier statistics keep the padded layout (padding points at 0,
+    masked). A row's last token would predict the next row's first: no target maps to it."""
+    import torch
+
+    batch = collate(examples, pad_id, dummy)
+    lengths = [len(e.input_ids) for e in examples]
+    ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long)
+    unpack = torch.zeros((len(examples), max(lengths) - 1), dtype=torch.long)
+    start = 0
+    for i, n in enumerate(lengths):
+        unpack[i, :n - 1] = torch.arange(start, start + n - 1)
+        start += n
+    batch.update(packed_ids=ids[None], packed_positions=torch.cat([torch.arange(n) for n in lengths])[None],
+                 packed_labels=ids[1:][None], unpack=unpack)
+    return batch
+
+
+def forward_logprobs(model, batch: dict, device, packed: bool):
+    """Log-probs (B, L - 1) of each target token of ``batch`` (:func:`collate` layout) under ``model``,
+    computed padded or packed (:func:`collate_packed`): the same values up to float rounding."""
+    from drsft.scoring import gather_logprobs
+
+    if packed:
+        logits = model(input_ids=batch["packed_ids"].to(device), position_ids=batch["packed_positions"].to(device),
+                       use_cache=False).logits
+        return gather_logprobs(logits[:, :-1], batch["packed_labels"].to(device))[0][batch["unpack"].to(device)]
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   position_ids=batch["position_ids"].to(device), use_cache=False).logits
+    return gather_logprobs(logits[:, :-1], batch["labels"].to(device))
+
+
+def check_packing(model, examples: Sequence[Example], pad_id: int, device, tol: float) -> float:
+    """Run two rows packed and each alone; raise if the packed log-probs differ by more than ``tol``
+    (the model's attention let a row see the other: a model or transformers version whose masks do
+    not read packed position ids). Returns the largest difference."""
+    import torch
+
+    rows = list(examples[:2])
+    if len(rows) < 2:
+        return 0.0
+    was_training = model.training
+    model.eval()  # no dropout: the two computations must be comparable
+    with torch.no_grad():
+        batch = collate_packed(rows, pad_id)
+        packed = forward_logprobs(model, batch, device, packed=True)
+        worst = 0.0
+        for i, e in enumerate(rows):
+            alone = forward_logprobs(model, collate([e], pad_id), device, packed=False)[0]
+            n = len(e.input_ids) - 1
+            worst = max(worst, float((packed[i, :n].float() - alone[:n].float()).abs().max()))
+    model.train(was_training)
+    if worst > tol:
+        raise RuntimeError(f"train.packing: packed rows change each other's log-probs (max difference {worst:.3g} > "
+                           f"{tol}): this model's attention does not confine packed rows (custom modelling code, "
+                           f"or a transformers version without packed-sequence masks); set train.packing: false")
+    return worst
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,7 +623,6 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
 
     from drsft.losses import weighted_nll
     from drsft.models import load_tokenizer, resolve_model
-    from drsft.scoring import gather_logprobs
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # Fail on a batch size that does not divide before starting any process group.
@@ -604,7 +744,15 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
                     shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
+    make_batch = collate_packed if cfg["packing"] else collate
+    if cfg["packing"]:
+        # bf16 rounding moves log-probs by up to ~0.1; a row that sees another moves them by nats
+        diff = check_packing(engine.module, examples, pad_id, device, tol=0.5 if on_gpu else 1e-3)
+        if rank == 0:
+            log.info("packing: packed rows match rows alone (max log-prob difference %.2g)", diff)
     tokens_global = [sum(examples[i].n_response for i in gidx) for gidx in plan]
+    by_tokens = cfg["batching"] == "tokens"
+    lengths = [len(e.input_ids) for e in examples]
     stopped_early = False
     t_segment = time.perf_counter()
     for step in range(state["step"], total_steps):
@@ -614,32 +762,34 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
         t0 = time.perf_counter()
         torch.manual_seed(cfg["seed"] * 1_000_003 + step)   # dropout etc.: identical after a resume
         gidx = plan[step]
-        normaliser = tokens_global[step] / (gas * world)
+        slots = step_slots(gidx, lengths, cfg, gas, world)[rank]
+        # batching: tokens -- the boundary is ours (a varying number of micro-batches), the loss is not scaled by gas
+        normaliser = tokens_global[step] / (world if by_tokens else gas * world)
         lr = engine.get_lr()[0]
         stats = _StepStats(torch, device)
         input_tokens = 0
         grad_norm = None
-        slots = micro_slots(gidx, cfg["micro_batch_size"], gas, world, rank)
         for m, slot in enumerate(slots):
-            batch = collate([examples[i] for i in slot], pad_id) if slot else \
-                collate([examples[gidx[0]]], pad_id, dummy=True)
+            if by_tokens:
+                engine.set_gradient_accumulation_boundary(m == len(slots) - 1)
+            batch = make_batch([examples[i] for i in slot], pad_id) if slot else \
+                make_batch([examples[gidx[0]]], pad_id, dummy=True)
             input_tokens += batch["input_tokens"]
-            logits = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                            position_ids=batch["position_ids"].to(device), use_cache=False).logits
-            logp = gather_logprobs(logits[:, :-1], batch["labels"].to(device))
+            logp = forward_logprobs(engine, batch, device, cfg["packing"])
             out = weighted_nll(logp, batch["mask"].to(device), cfg["loss"], batch["behaviour"].to(device),
                                batch["known"].to(device), is_clip=cfg["is_clip"], is_level=cfg["is_level"],
                                normaliser=normaliser)
-            engine.backward(out.loss)
+            engine.backward(out.loss, scale_wrt_gas=not by_tokens)
             if cfg["zero_stage"] == 0 and not ds_cfg["bf16"]["enabled"] and m == len(slots) - 1:
                 # ZeRO-0 in fp32 does not record the norm: the gradients are reduced at the
                 # boundary backward, so take it here (before clipping, like ZeRO-1..3's).
                 grads = [p.grad.detach().double().norm() for p in engine.module.parameters() if p.grad is not None]
                 grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
-            engine.step()
+            if not by_tokens or m == len(slots) - 1:
+                engine.step()
             if slot:
                 stats.add(batch, out, logp)
-            del logits, logp, out
+            del logp, out
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -707,6 +857,9 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
         "zero_stage": cfg["zero_stage"],
         "world_size": world,
         "gradient_accumulation_steps": gas,
+        "packing": cfg["packing"],
+        "batching": cfg["batching"],
+        **batching_summary(plan, lengths, cfg, gas, world),
         "resumed_from_steps": state["resumed_from"],
     }
     if rank == 0:
