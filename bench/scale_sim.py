@@ -21,8 +21,10 @@ Then it runs, each in its own process, with wall time and peak RSS (``wait4``):
   (prompts tokenized with a small BPE trained on the synthetic words), the global-batch plan and the packed token-budget
   micro-batches of every step (:func:`drsft.train.batching_summary`).
 
-guided_align is left out (it is generation); its unsolved problems all fall back here. The last
-lines report the records on disk and the largest peak RSS against the goals (1 GiB, 12 GiB).
+guided_align is left out (it is generation); its unsolved problems all fall back here. It also
+writes the first sample shard as Parquet (int32 ids, float32 log-probs, zstd) to measure what a
+binary record format would save. The last lines report the records on disk and the largest peak
+RSS against the goals (1 GiB, 12 GiB).
 """
 
 from __future__ import annotations
@@ -109,6 +111,29 @@ def _iter(path: Path):
     from drsft.io import iter_jsonl
 
     return iter_jsonl(path)
+
+
+def parquet_size(shard: Path) -> tuple[int, int]:
+    """One sample shard's bytes as JSON lines and as Parquet (token ids int32, log-probs float32,
+    zstd): what a binary record format would save, measured on the same records."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = [r for _, r in _iter(shard)]
+    table = pa.table({
+        "problem_id": pa.array([r["problem_id"] for r in recs]),
+        "sample_index": pa.array([r["sample_index"] for r in recs], pa.int32()),
+        "prompt": pa.array([r["prompt"] for r in recs]),
+        "response": pa.array([r["response"] for r in recs]),
+        "response_ids": pa.array([r["response_ids"] for r in recs], pa.list_(pa.int32())),
+        "logprobs": pa.array([r["logprobs"] for r in recs], pa.list_(pa.float32())),
+        "finish_reason": pa.array([r["finish_reason"] for r in recs]),
+    })
+    out = shard.with_suffix(".parquet")
+    pq.write_table(table, out, compression="zstd")
+    size = out.stat().st_size
+    out.unlink()
+    return shard.stat().st_size, size
 
 
 def _size(path: Path) -> int:
@@ -218,9 +243,11 @@ def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, w
         sizes = {"samples": _size(work / d / "sample"), "verdicts": _size(work / d / "verify"),
                  "self_align": _size(work / d / "self_align"), "train": _size(work / d / "train")}
         records = sum(sizes.values())
+        js, pq_bytes = parquet_size(work / d / "sample" / "shard-00000.jsonl")
         loaded = read_json(work / "metrics" / "train_load.json")
         summary = {"problems": problems, "n": n, "tokens": tokens, "samples": gen["samples"], "stages": res,
                    "bytes": sizes, "records_gib": records / 2 ** 30,
+                   "sample_shard_parquet_over_jsonl": pq_bytes / js,
                    "peak_rss_gib": max(v["peak_rss_gib"] for v in res.values() if v["peak_rss_gib"] is not None),
                    "verify": read_json(work / "metrics" / "verify.json"),
                    "self_align": read_json(work / "metrics" / "self_align.json"), "train_load": loaded}
@@ -233,6 +260,9 @@ def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, w
         click.echo(f"train_load: {loaded['rows']} rows, {loaded['steps']} steps of 256, "
                    f"{loaded['micro_batches_per_step']:.1f} packed micro-batches of <= {budget} tokens per rank "
                    f"(8 ranks), padding {100 * loaded['padding_share']:.1f} %")
+        click.echo(f"sample shards as Parquet (int32 ids, float32 log-probs, zstd): {pq_bytes / js:.2f} x their "
+                   f"JSON lines size, i.e. ~{sizes['samples'] * pq_bytes / js / 2 ** 30:.2f} GiB instead of "
+                   f"{sizes['samples'] / 2 ** 30:.2f}")
         click.echo(f"records on disk: {records / 2 ** 30:.2f} GiB (goal <= 1); largest peak RSS: "
                    f"{summary['peak_rss_gib']:.2f} GiB (goal <= 12)")
     finally:

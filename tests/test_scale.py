@@ -410,3 +410,4 @@ def test_scale_sim_runs_the_cpu_stages_on_well_formed_records(tmp_path):
     assert res["self_align"]["solved"] + res["self_align"]["unsolved"] == 40
     assert res["train_load"]["rows"] == 40 and res["train_load"]["padding_share"] == 0.0
     assert 0 < res["records_gib"] < 0.01 and all(v["seconds"] >= 0 for v in res["stages"].values())
+    assert 0 < res["sample_shard_parquet_over_jsonl"] < 1

@@ -455,16 +455,16 @@ def test_packed_two_process_run_matches_the_padded_run(runs, tiny_model_dir, tra
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_token_budget_batches_train_as_the_row_batches(packing, runs, tiny_model_dir, train_file):
-    """batching: tokens over two processes (micro-batches of at most 100 tokens: a varying number per
-    rank and step, empty ones where a rank has fewer) trains on the same global batches as the
-    reference run, with the same result."""
+@pytest.mark.parametrize("packing,zero,nproc", [(True, 2, 2), (False, 2, 2), (True, 3, 1)])
+def test_token_budget_batches_train_as_the_row_batches(packing, zero, nproc, runs, tiny_model_dir, train_file):
+    """batching: tokens (micro-batches of at most 100 tokens: a varying number per rank and step,
+    empty ones where a rank has fewer; ZeRO-2 over two processes, ZeRO-3 in one) trains on the same
+    global batches as the reference run, with the same result."""
     work = runs["work"]
-    name = f"tokens{int(packing)}"
+    name = f"tokens{int(packing)}z{zero}"
     params = _write_params(work / f"params_{name}.yaml", packing=packing, batching="tokens",
-                           max_tokens_per_micro_batch=100)
-    _run_stage(work, params, train_file, tiny_model_dir, name, nproc=2)
+                           max_tokens_per_micro_batch=100, zero_stage=zero)
+    _run_stage(work, params, train_file, tiny_model_dir, name, nproc=nproc)
     one, tok = read_json(work / "single_metrics.json"), read_json(work / f"{name}_metrics.json")
     assert tok["batching"] == "tokens" and tok["micro_batches_per_step"] > 2
     assert tok["response_tokens"] == one["response_tokens"] and tok["input_tokens"] == one["input_tokens"]
