@@ -455,7 +455,8 @@ def test_packed_two_process_run_matches_the_padded_run(runs, tiny_model_dir, tra
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
-@pytest.mark.parametrize("packing,zero,nproc", [(True, 2, 2), (False, 2, 2), (True, 3, 1)])
+# Padded token batches share everything but the collate with these (the collates are compared above).
+@pytest.mark.parametrize("packing,zero,nproc", [(True, 2, 2), (True, 3, 1)])
 def test_token_budget_batches_train_as_the_row_batches(packing, zero, nproc, runs, tiny_model_dir, train_file):
     """batching: tokens (micro-batches of at most 100 tokens: a varying number per rank and step,
     empty ones where a rank has fewer; ZeRO-2 over two processes, ZeRO-3 in one) trains on the same
