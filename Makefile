@@ -22,14 +22,32 @@ STAMP := $(VENV)/.drsft-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH)"
-	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.16"
-	$(PIP) install -q -e ".[dev]"
+	awk '/^deepspeed==/{p=1} p{print} p&&!/\\$$/{exit}' requirements.lock > $(VENV)/deepspeed.lock
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation --no-deps --require-hashes -r $(VENV)/deepspeed.lock
+	$(PIP) install -q --no-deps --require-hashes -r requirements.lock
+	$(PIP) install -q --no-deps -e .
+	$(PIP) check
 	$(PY) -c "import torch, deepspeed, transformers, dvc, math_verify; print('torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
 	touch $@
+
+# Refresh requirements.lock from pyproject.toml (uv, with hashes; torch excluded: installed first, as
+# above). Pins that still satisfy pyproject.toml are kept; LOCK_UPGRADE=1 takes the newest allowed.
+# LOCK_ARGS: where the pinned torch wheel comes from, for the resolution (this workplace: /opt/wheels).
+LOCK_ARGS ?= --find-links /opt/wheels
+LOCK_UPGRADE ?=
+.PHONY: lock
+lock: install
+	$(PIP) install -q uv
+	head -5 requirements.lock > $(VENV)/lock-header
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch.constraint
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --python $(PY) -c $(VENV)/torch.constraint \
+	  --no-build-isolation-package deepspeed --no-emit-package torch --no-header --no-annotate \
+	  $(if $(LOCK_UPGRADE),--upgrade) $(LOCK_ARGS) -o requirements.lock
+	cat $(VENV)/lock-header requirements.lock > $(VENV)/lock-new && mv $(VENV)/lock-new requirements.lock
 
 # Stage commands call `python`: the venv's, through PATH.
 repro: install
@@ -48,7 +66,7 @@ pull: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc pull $(if $(DVC_REMOTE),-r $(DVC_REMOTE))
 
 # CI runs `make test`. The default world's full prepare (`world` marker, ~12 min) runs in `make test-world`;
-# `make repro` measures the same properties (metrics/prepare.json world.checks, held by tests/test_world.py).
+# `make repro` measures the same properties (metrics/probe.json world.checks, held by tests/test_world.py).
 test: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests -m "not world"
 
@@ -60,10 +78,11 @@ test-world: install
 
 # The paper's comparison: SFT, DFT, DR+SFT, DR+DFT x 3 training seeds queued as `dvc exp run`s; writes
 # metrics/ablation.json (means, 95 % intervals, paired differences) and prints the table.
-# ABLATION_ARGS: --seeds N, --with-is, --with-noguided, --jobs N, --plots DIR, --table-only (scripts/ablation.py --help).
+# ABLATION_ARGS: --seeds N, --arms A, --with-is, --with-noguided, --jobs N, --plots DIR, --table-only
+# (`drsft ablation --help`).
 ABLATION_ARGS ?=
 ablation: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/ablation.py $(ABLATION_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" drsft ablation $(ABLATION_ARGS)
 
 # Beyond the paper: the four arms at several settings of the world's policy-gap knob
 # (prepare.toy.textbook_frac), accuracy against the measured expert NLL: metrics/gap_sweep.json,
@@ -71,17 +90,18 @@ ablation: install
 GAP_SWEEP_ARGS ?=
 .PHONY: gap-sweep
 gap-sweep: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/gap_sweep.py $(GAP_SWEEP_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" drsft gap-sweep $(GAP_SWEEP_ARGS)
 
-# Switch the pipeline to a params file (configs/*.yaml): validated (schema + key set), refused when
-# params.yaml has uncommitted changes, then copied over params.yaml. `git checkout params.yaml` goes back.
+# Switch the pipeline to a config overlay (configs/*.yaml: the keys that differ from params.yaml):
+# composed over params.yaml, validated, refused when params.yaml has uncommitted changes, then written
+# to params.yaml (drsft use). `git checkout params.yaml` goes back.
 #   make use CONFIG=configs/qwen2.5-math-7b.yaml && dvc repro
 CONFIG ?=
 .PHONY: use
 use:
 	@test -n "$(CONFIG)" || { echo "usage: make use CONFIG=configs/<name>.yaml" >&2; exit 2; }
 	@test -x $(PY) || { echo "no $(VENV): run make install first" >&2; exit 2; }
-	$(PY) scripts/use_config.py "$(CONFIG)"
+	$(VENV)/bin/drsft use "$(CONFIG)"
 
 bench: install
 	$(PY) bench/sample_bench.py

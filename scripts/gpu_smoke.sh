@@ -121,12 +121,13 @@ assert nb == nt, f"trained model has {nt} parameters, base {nb}: ZeRO-3 consolid
 print(f"models/trained: {nt} parameters, consolidated from ZeRO-3 partitions")
 import glob
 metrics = {f[8:-5]: json.load(open(f)) for f in sorted(glob.glob("metrics/*.json"))}
-m = metrics["sample"]
+runs = {f[13:-5]: json.load(open(f)) for f in sorted(glob.glob("metrics/runs/*.json"))}   # timings
+m = runs["sample"]
 print(f"sample ({sys.argv[1]}): {m['tokens_per_s']:.0f} tok/s over {m['tokens_generated']} tokens, {m['seconds']:.1f} s")
-m = metrics["train"]
+m = runs["train"]
 print(f"train (ZeRO-3): {m['tokens_per_s']:.0f} input tok/s, training loop {m['train_time_s']:.1f} s")
 print("evaluate:", json.dumps(metrics["evaluate"]["average"]))
-print("stage seconds:", {name: m["seconds"] for name, m in metrics.items() if "seconds" in m})
+print("stage seconds:", {name: m["seconds"] for name, m in runs.items() if "seconds" in m})
 PYEOF
 
 # Rollout throughput, same model and prompts: vllm (one GPU, if installed) vs hf (one GPU).

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import click  # noqa: E402
 
 from drsft.fingerprint import fingerprint, model_fingerprint  # noqa: E402
-from drsft.io import read_jsonl, read_problem_ids, write_json, write_jsonl  # noqa: E402
+from drsft.io import read_jsonl, read_problem_ids, write_json, write_jsonl, write_run_info  # noqa: E402
 from drsft.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from drsft.params import load_params, section  # noqa: E402
 from drsft.prompts import render_prompt  # noqa: E402
@@ -38,7 +38,8 @@ from drsft.rewrite import group_by_problem, leak_reason, select, training_row  #
 from drsft.rollout import (SamplingParams, check_sample_records, make_backend, policy_identity,  # noqa: E402
                            run_sharded, sample_records)
 from drsft.scoring import score_responses  # noqa: E402
-from drsft.stage import clear_errors, count_records, log, preflight, problems_by_id, sequences_bytes  # noqa: E402
+from drsft.stage import (clear_errors, count_records, log, preflight, problems_by_id,  # noqa: E402
+                         sequences_bytes)
 from drsft.verify import verify_batch  # noqa: E402
 
 # The guided_align params that determine the generated re-solves (the shard fingerprint); the
@@ -188,9 +189,8 @@ def main(params_path, problems, unsolved, model_dir, out, shards, metrics, progr
         "status": {k: status_counts.get(k, 0) for k in ("kept", "wrong", "truncated", "leak_phrase", "leak_copy")},
         "dropped": dropped_counts(status_counts),
         "shards": len(run.paths),
-        "resumed_shards": len(run.resumed),
-        "generated_shards": len(run.generated),
     })
+    write_run_info(metrics, {"resumed_shards": len(run.resumed), "generated_shards": len(run.generated)})
     if not generate:
         log.info("guided_align: n 0, no re-solving: %d unsolved problems fall back", attempted)
         return

@@ -1,8 +1,8 @@
 """prepare: the training problems, the held-out benchmarks and the base model.
 
-Reads params ``prepare``, ``model`` and ``prompt``. Writes ``data/prepare/train.jsonl``,
-``data/prepare/benchmarks/<name>.jsonl`` (problem records per docs/records.md), ``models/base/``
-and ``metrics/prepare.json``.
+Reads params ``prepare`` (all but ``prepare.probe``), ``model`` and ``prompt``. Writes
+``data/prepare/train.jsonl``, ``data/prepare/benchmarks/<name>.jsonl`` (problem records per
+docs/records.md), ``models/base/`` and ``metrics/prepare.json``.
 
 * ``prepare.source: toy`` -- the embedded synthetic world (drsft.world): ``prepare.toy`` sizes and
   style rates. ``files`` -- training problems from a local jsonl/parquet through the field mapping
@@ -15,9 +15,7 @@ and ``metrics/prepare.json``.
   plus ``prepare.toy.n_drills`` arithmetic-table drills (drsft.world.fact_drills) on a
   ``prepare.pretrain.drill_frac`` share of the steps. Any other value (hub id or local path) --
   write ``models/base/reference.json`` = ``{"model": ...}`` (referenced, not copied).
-* The probe (drsft.probe, ``prepare.probe``) measures the world's properties with the shared
-  sampler, verifier and scorer; ``enabled: auto`` runs it for the toy model only (a hub model on
-  CPU would be far too slow), ``true``/``false`` force it.
+* The world's properties are measured by the next stage, ``probe`` (stages/probe.py).
 """
 
 import shutil
@@ -29,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import click  # noqa: E402
 
-from drsft.io import DataError, write_json, write_jsonl  # noqa: E402
+from drsft.io import DataError, write_json, write_jsonl, write_run_info  # noqa: E402
 from drsft.params import ParamsError, load_params, section  # noqa: E402
 from drsft.stage import clear_errors, log, preflight, prepare_bytes  # noqa: E402
 
@@ -79,7 +77,7 @@ def _fresh_dir(path: Path) -> None:
 
 
 def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/prepare", model_dir="models/base",
-                metrics_path="metrics/prepare.json", log=print, verify_mode: str = "boxed") -> dict:
+                metrics_path="metrics/prepare.json", log=print) -> dict:
     from drsft.world import expert_solution, fact_drills, pretraining_examples
 
     t0 = time.time()
@@ -135,25 +133,12 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
         write_json(model_dir / "reference.json", {"model": base})
         log(f"prepare: models/base references {base!r} (not copied)")
 
-    pr = prep["probe"]
-    enabled = pr["enabled"]  # "auto" | true | false
-    if enabled is True or (enabled == "auto" and base == "toy"):
-        from drsft.probe import probe_world
-
-        cfg = {k: v for k, v in pr.items() if k not in ("enabled", "verify_workers", "verify_timeout_s")}
-        metrics["world"] = probe_world(str(model_dir), train, prompt_cfg, cfg,
-                                       verify_workers=int(pr["verify_workers"]),
-                                       verify_timeout_s=float(pr["verify_timeout_s"]),
-                                       trust_remote_code=model_cfg["trust_remote_code"], log=log,
-                                       verify_mode=verify_mode)
-        bad = [k for k, ok in metrics["world"]["checks"].items() if not ok]
-        if bad:
-            log(f"prepare: WARNING: world property check(s) failed: {bad}")
-    else:
-        metrics["world"] = {"skipped": f"probe disabled (prepare.probe.enabled={enabled}, model.base={base!r})"}
-    metrics["seconds"] = round(time.time() - t0, 1)
+    timings = {"seconds": round(time.time() - t0, 1)}
+    if "pretrain" in metrics["model"]:
+        timings["pretrain_seconds"] = metrics["model"]["pretrain"].pop("seconds")
     write_json(metrics_path, metrics)
-    return metrics
+    write_run_info(metrics_path, timings)
+    return {**metrics, **timings}
 
 
 @click.command()
@@ -163,11 +148,11 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
 @click.option("--metrics", default="metrics/prepare.json", show_default=True)
 @clear_errors
 def main(params_path, data_dir, model_dir, metrics):
+    """Write the training problems and benchmarks, and pretrain (toy) or reference the base model."""
     params = load_params(params_path)
     preflight([data_dir, model_dir, metrics], need_bytes=prepare_bytes(section(params, "prepare")))
     summary = run_prepare(section(params, "prepare"), section(params, "model"), section(params, "prompt"),
-                          data_dir=data_dir, model_dir=model_dir, metrics_path=metrics, log=log.info,
-                          verify_mode=section(params, "verify")["mode"])
+                          data_dir=data_dir, model_dir=model_dir, metrics_path=metrics, log=log.info)
     log.info("prepare done in %.1fs", summary["seconds"])
 
 

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import click  # noqa: E402
 
-from drsft.io import DataError, check_unique_ids, iter_jsonl, read_jsonl, require, write_json  # noqa: E402
+from drsft.io import (DataError, check_unique_ids, iter_jsonl, read_jsonl, require, write_json,  # noqa: E402
+                      write_run_info)
 from drsft.models import load_tokenizer  # noqa: E402
 from drsft.params import ParamsError, load_params, section  # noqa: E402
 from drsft.prompts import render_prompt  # noqa: E402
@@ -106,18 +107,21 @@ def main(params_path, problems, model_dir, out, metrics, progress):
         "problems": len(items),
         "samples": len(records),
         "tokens": tokens,
-        "tokens_generated": state["tokens"],
-        "tokens_per_s": round(state["tokens"] / run.seconds, 1) if run.seconds > 0 else 0.0,
         "truncated_fraction": truncated / len(records) if records else 0.0,
         "shards": len(run.paths),
+    }
+    run_info = {
+        "tokens_generated": state["tokens"],
+        "tokens_per_s": round(state["tokens"] / run.seconds, 1) if run.seconds > 0 else 0.0,
         "resumed_shards": len(run.resumed),
         "generated_shards": len(run.generated),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_json(metrics, result)
+    write_run_info(metrics, run_info)
     log.info("sample: %d problems x %d = %d samples, %d tokens (%d generated now, %.0f tok/s), "
              "%d/%d shards resumed, truncated %.1f%%", len(items), sp.n, len(records), tokens, state["tokens"],
-             result["tokens_per_s"], len(run.resumed), len(run.paths), 100 * result["truncated_fraction"])
+             run_info["tokens_per_s"], len(run.resumed), len(run.paths), 100 * result["truncated_fraction"])
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ from collections import Counter  # noqa: E402
 
 import click  # noqa: E402
 
-from drsft.io import read_problems, read_samples, write_json, write_jsonl  # noqa: E402
+from drsft.io import read_problems, read_samples, write_json, write_jsonl, write_run_info  # noqa: E402
 from drsft.params import load_params, section  # noqa: E402
 from drsft.stage import clear_errors, log  # noqa: E402
 from drsft.verify import REASONS, verify_batch  # noqa: E402
 
 
-def summarize(rows: list[dict], seconds: float) -> dict:
+def summarize(rows: list[dict]) -> dict:
     """Stage metrics from verdict rows (pure)."""
     per_problem: dict[str, list[bool]] = {}
     for r in rows:
@@ -33,8 +33,6 @@ def summarize(rows: list[dict], seconds: float) -> dict:
         "mean_solve_rate": sum(sum(v) / len(v) for v in per_problem.values()) / n_prob if n_prob else 0.0,
         "pass_at_n": sum(any(v) for v in per_problem.values()) / n_prob if n_prob else 0.0,
         "reasons": {k: counts.get(k, 0) for k in REASONS},
-        "verdicts_per_s": len(rows) / seconds if seconds > 0 else 0.0,
-        "seconds": seconds,
     }
 
 
@@ -56,11 +54,13 @@ def main(params_path, problems, samples, out, metrics):
     rows = [{"problem_id": s["problem_id"], "sample_index": s["sample_index"], "correct": v.correct,
              "reason": v.reason, "extracted": v.extracted} for s, v in zip(todo, verdicts)]
     write_jsonl(out, rows)
-    stats = summarize(rows, seconds)
+    stats = summarize(rows)
     write_json(metrics, stats)
+    rate = len(rows) / seconds if seconds > 0 else 0.0
+    write_run_info(metrics, {"seconds": seconds, "verdicts_per_s": rate})
     log.info("verify: %d samples of %d problems, pass@n %.3f, mean solve rate %.3f, %s, %.0f verdicts/s",
              stats["samples"], stats["problems"], stats["pass_at_n"], stats["mean_solve_rate"],
-             stats["reasons"], stats["verdicts_per_s"])
+             stats["reasons"], rate)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,22 @@ def run(cmd, cwd, env) -> str:
     return proc.stdout + proc.stderr
 
 
+def expand_stages(dvc_yaml: Mapping) -> dict[str, dict]:
+    """Every stage of a parsed dvc.yaml by its DVC name: a ``foreach`` entry becomes ``name@key``
+    with its ``${item.*}`` filled in (as ``dvc stage list`` names them)."""
+    out = {}
+    for name, stage in dvc_yaml["stages"].items():
+        if "foreach" not in stage:
+            out[name] = stage
+            continue
+        for key, item in stage["foreach"].items():
+            text = yaml.safe_dump(stage["do"])
+            for field, value in item.items():
+                text = text.replace("${item.%s}" % field, str(value))
+            out[f"{name}@{key}"] = yaml.safe_load(text)
+    return out
+
+
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 

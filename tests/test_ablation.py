@@ -1,15 +1,10 @@
 """The ablation's statistics (drsft.ablation): arms x seeds x problems -> metrics/ablation.json."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from drsft.ablation import ARMS, NOGUIDED_ARMS, PAIRS, format_tables, summarize
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from ablation import _walk, experiment_sets  # noqa: E402
+from drsft.experiments import _walk, experiment_sets
 
 
 def _scores(rng, p_by_bench, seeds):

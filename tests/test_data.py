@@ -149,7 +149,7 @@ def test_file_provenance_records_size_and_sha256(tmp_path):
     ("data/x.jsonl", None), ("../shared/x.jsonl", None), ("a b/c", None), ("owner/name:cfg.parquet", None),
 ])
 def test_parse_hub_spec(spec, want):
-    from drsft.data import parse_hub_spec
+    from drsft.hubspec import parse_hub_spec
 
     got = parse_hub_spec(spec)
     assert (got if got is None else (got.repo, got.config, got.revision, got.split)) == want

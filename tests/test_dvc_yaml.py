@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline_copy import expand_stages
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 
@@ -49,7 +51,7 @@ def transitive_code(script: Path) -> set[str]:
 
 
 def _stages():
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
 
 
 def _dep_paths(stage):
@@ -99,3 +101,19 @@ def test_prepare_depends_on_the_inputs_folder():
     root = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]["files"]["root"]
     tracked = subprocess.run(["git", "ls-files", root], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert f"{root}/README.md" in tracked.split()
+
+
+def test_prepare_params_are_every_prepare_key_but_the_probe():
+    """prepare reruns (minutes of pretraining) on any prepare key except ``prepare.probe``, whose
+    stage is ``probe``; a new prepare key must be declared here or it would not rerun prepare."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = _stages()
+    declared = {k.split(".", 1)[1] for k in stages["prepare"]["params"] if k.startswith("prepare.")}
+    assert declared == set(params["prepare"]) - {"probe"}
+    assert "prepare.probe" in stages["probe"]["params"]
+
+
+def test_editing_sampler_or_verifier_code_does_not_rerun_pretraining():
+    deps = _dep_paths(_stages()["prepare"])
+    assert not deps & {"src/drsft/rollout.py", "src/drsft/probe.py", "src/drsft/scoring.py",
+                       "src/drsft/evaluate.py"}, deps

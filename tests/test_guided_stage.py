@@ -141,7 +141,7 @@ def test_guided_shards_are_reused_only_for_the_same_generation_params(tmp_path, 
         params[section][key] = value
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         _run(stage, tmp_path, tiny_model_dir)
-        return json.loads((tmp_path / "guided.json").read_text())["resumed_shards"]
+        return json.loads((tmp_path / "runs" / "guided.json").read_text())["resumed_shards"]
 
     assert run("guided_align", "seed", 0) == 0                        # the base params, first run
     for section, key, value, reused in [

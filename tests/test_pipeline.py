@@ -1,8 +1,8 @@
 """Integration: the whole DAG with `dvc repro`, on a scaled-down world, in a copy of the repo.
 
 Checks that every stage writes its outputs and metrics, that a second `dvc repro` runs nothing,
-and that changing a train parameter reruns exactly `train` and `evaluate`; `make ablation`'s script
-queues the four arms x seeds and writes metrics/ablation.json.
+and that changing a train parameter reruns exactly `train` and `evaluate@trained`; `make ablation`'s
+script queues arms x seeds and writes metrics/ablation.json.
 """
 
 import json
@@ -15,10 +15,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_copy import DVC, copy_repo, ran_stages as _ran_stages, run as _run  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from ablation import _walk  # noqa: E402
+from pipeline_copy import DVC, copy_repo, expand_stages, ran_stages as _ran_stages, run as _run  # noqa: E402
+from drsft.experiments import _walk  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +36,7 @@ def first_repro(repo):
 
 def test_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     dst, _ = repo
-    stages = yaml.safe_load((dst / "dvc.yaml").read_text())["stages"]
+    stages = expand_stages(yaml.safe_load((dst / "dvc.yaml").read_text()))
     assert _ran_stages(first_repro) == set(stages)
     for name, stage in stages.items():
         for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
@@ -68,7 +66,7 @@ def test_train_param_change_reruns_only_train_and_evaluate(repo, first_repro):
     params["train"]["lr"] = params["train"]["lr"] * 2
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run([DVC, "repro"], dst, env)
-    assert _ran_stages(out) == {"train", "evaluate"}
+    assert _ran_stages(out) == {"train", "evaluate@trained"}
 
 
 def test_guided_align_param_change_reruns_only_downstream(repo, first_repro):
@@ -78,38 +76,41 @@ def test_guided_align_param_change_reruns_only_downstream(repo, first_repro):
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run([DVC, "repro"], dst, env)
     ran = _ran_stages(out)
-    assert {"guided_align"} <= ran <= {"guided_align", "fallback", "train", "evaluate"}, ran
+    assert {"guided_align"} <= ran <= {"guided_align", "fallback", "train", "evaluate@trained"}, ran
 
 
 def test_exp_run_with_a_loss_reruns_only_train_and_evaluate(repo, first_repro):
     dst, env = repo
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "params"], dst, env)
     out = _run([DVC, "exp", "run", "-S", "train.loss=dft"], dst, env)
-    assert _ran_stages(out) == {"train", "evaluate"}
+    assert _ran_stages(out) == {"train", "evaluate@trained"}
     metrics = json.loads((dst / "metrics/train.json").read_text())
     assert metrics["loss"] == "dft"
 
 
 def test_ablation_queues_arms_and_seeds_runs_only_train_and_evaluate_and_writes_intervals(repo, first_repro):
-    """`make ablation`'s script: four arms x two training seeds as queued `dvc exp run`s, the workspace
-    left as it was, metrics/ablation.json with intervals and paired comparisons, the table printed."""
+    """`make ablation`'s script: two of the arms (--arms; the four differ only in train.data and
+    train.loss) x two training seeds as queued `dvc exp run`s, the workspace left as it was,
+    metrics/ablation.json with intervals and the paired comparisons of those arms, the table printed."""
     dst, env = repo
     # as a user's checkout: metrics/ and dvclive/ (cache: false outputs) are in git, which is all
     # that a queued experiment's snapshot holds
     _run(["git", "add", "-A"], dst, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "outputs"], dst, env)
     params_before = (dst / "params.yaml").read_text()
-    proc = subprocess.run([sys.executable, "scripts/ablation.py", "--seeds", "2", "--n-boot", "300",
-                           "--plots", "abl_plots"], cwd=dst, env=env, capture_output=True, text=True, timeout=1500)
+    arms = ("sft", "dr-dft")
+    proc = subprocess.run([sys.executable, "-m", "drsft", "ablation", "--seeds", "2", "--n-boot", "300",
+                           *[a for arm in arms for a in ("--arms", arm)], "--plots", "abl_plots"],
+                          cwd=dst, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    arms = ("sft", "dft", "dr-sft", "dr-dft")
     ran = dict(re.findall(r"^(\S+): ran (.*)$", proc.stderr, re.M))
     assert set(ran) == {f"{a}-s{s}" for a in arms for s in (0, 1)}, proc.stderr[-3000:]
     for name, stages in ran.items():   # upstream stages always come from the cache
-        assert stages == "nothing (all cached)" or set(stages.split(", ")) <= {"train", "evaluate"}, (name, stages)
+        assert stages == "nothing (all cached)" or set(stages.split(", ")) <= {"train", "evaluate@trained"}, \
+            (name, stages)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [r.split(" | ")[0].lstrip("| ") for r in rows[1:6]] == ["base model", *arms], proc.stdout
-    assert all(" ± " in r for r in rows[1:6])
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows[1:4]] == ["base model", *arms], proc.stdout
+    assert all(" ± " in r for r in rows[1:4])
     summary = json.loads((dst / "metrics/ablation.json").read_text())
     assert summary["seeds"] == [0, 1]
     assert summary["arms"]["base"]["seeds"] == 1 and summary["arms"]["dr-dft"]["seeds"] == 2
@@ -120,10 +121,12 @@ def test_ablation_queues_arms_and_seeds_runs_only_train_and_evaluate_and_writes_
     _walk(json.loads(show.stdout), found)
     loss = {n: found[n][1]["metrics"]["metrics/train.json"]["data"]["final_loss"] for n in ("sft-s0", "sft-s1")}
     assert loss["sft-s0"] != loss["sft-s1"], loss
+    assert summary["world"] and set(summary["world"]) <= {"nll_expert", "nll_own_correct", "nll_ratio_expert_to_own",
+                                                          "solve_rate", "headroom_families"}
     assert len(summary["arms"]["sft"]["per_seed"]) == 2
     for a in summary["arms"].values():
         assert a["avg_at_k_ci"][0] <= a["avg_at_k"] <= a["avg_at_k_ci"][1]
-    assert {"dr-dft_vs_dft", "dr-sft_vs_sft", "dr-dft_vs_base", "dft_vs_sft"} == set(summary["comparisons"])
+    assert set(summary["comparisons"]) == {"dr-dft_vs_base"}   # the paper's pairs whose arms both ran
     # the base row is the workspace's evaluate_base; seed 0 of dr-sft is the workspace's own arm
     base = json.loads((dst / "metrics/evaluate_base.json").read_text())
     assert summary["arms"]["base"]["avg_at_k"] == pytest.approx(base["average"]["avg_at_k"])

@@ -207,7 +207,9 @@ def _run_stage(main, root: Path, monkeypatch):
     monkeypatch.chdir(root)
     res = CliRunner().invoke(main, ["--no-progress"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    return json.loads((root / "metrics" / "sample.json").read_text())
+    # the results, and what this invocation did (resumed / generated: drsft.io.write_run_info)
+    return {**json.loads((root / "metrics" / "sample.json").read_text()),
+            **json.loads((root / "metrics" / "runs" / "sample.json").read_text())}
 
 
 def test_sample_stage_resumes_only_missing_shard(tmp_path, tiny_model_dir, monkeypatch, load_stage):

@@ -3,9 +3,10 @@
 * ``prepare.files.train.subsample`` on GSM8K ("a 50k-problem subset of the first 100k");
 * the vLLM data-parallel path: the pure parts (split, reassembly, GPU slices) and the process
   orchestration with a stand-in ``vllm`` package in spawned workers (real vLLM cannot run here);
-* ``configs/*.yaml``: complete params files (same keys as params.yaml, schema-valid, the paper's values);
+* ``configs/*.yaml``: overlays of params.yaml (only differing or source-pinned keys) that compose
+  into schema-valid params with the paper's values;
 * ``train.launcher`` interpolated by DVC into the train stage's command;
-* ``make use`` (scripts/use_config.py) and ``scripts/gpu_smoke.sh`` (syntax only: unrun here).
+* ``drsft use`` / ``make use`` (drsft.config) and ``scripts/gpu_smoke.sh`` (syntax only: unrun here).
 """
 
 import os
@@ -230,21 +231,69 @@ def _key_paths(node, prefix=""):
     return out
 
 
-def test_configs_are_complete_params_files():
+def _composed(name):
+    from drsft.config import load_composed
+
+    return load_composed(ROOT / "configs" / name, ROOT / "params.yaml")
+
+
+def _leaves(node, prefix=""):
+    """{dotted key: (value, line)} of a ruamel round-trip mapping's non-mapping values."""
+    out = {}
+    for k, v in node.items():
+        p = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_leaves(v, p))
+        else:
+            out[p] = (v, node.lc.key(k)[0])
+    return out
+
+
+def test_configs_are_overlays_that_compose_into_valid_params():
+    """Each config lists only keys of params.yaml whose values differ, or that pin a published value
+    (a [paper]/[code]/[verl]/[qwen-eval] tag on the key's line), and composes into valid params."""
+    import re
+
+    from ruamel.yaml import YAML
+
     assert {c.name for c in CONFIGS} >= {"qwen2.5-math-7b.yaml", "llama-3.1-8b-instruct.yaml"}
-    ref = _key_paths(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    ref = _key_paths(base)
+    tag = re.compile(r"#.*\[(paper|code|verl|qwen-eval)\]")
     for path in CONFIGS:
-        have = _key_paths(yaml.safe_load(path.read_text()))
-        assert have == ref, f"{path.name}: missing {sorted(ref - have)}, extra {sorted(have - ref)}"
-    res = subprocess.run([sys.executable, "-m", "drsft.params", "check", *map(str, CONFIGS)],
+        text = path.read_text()
+        assert _key_paths(yaml.safe_load(text)) <= ref
+        for key, (value, line) in _leaves(YAML().load(text)).items():
+            node = base
+            for part in key.split("."):
+                node = node[part]
+            plain = list(value) if isinstance(value, list) else value
+            assert plain != node or tag.search(text.splitlines()[line]), \
+                f"{path.name}: {key} repeats params.yaml's value without a published source"
+    res = subprocess.run([sys.executable, "-m", "drsft", "check", *map(str, CONFIGS)],
                          capture_output=True, text=True, cwd=ROOT, check=False)
     assert res.returncode == 0, res.stderr + res.stdout
+    assert res.stdout.count(": ok") == len(CONFIGS)
+
+
+def test_compose_merges_mappings_replaces_values_and_names_unknown_keys():
+    from drsft.config import compose
+
+    base = {"a": {"x": 1, "y": [1, 2]}, "b": "s"}
+    assert compose(base, {"a": {"y": [3]}}) == {"a": {"x": 1, "y": [3]}, "b": "s"}
+    assert base == {"a": {"x": 1, "y": [1, 2]}, "b": "s"}        # unchanged
+    with pytest.raises(ParamsError) as err:
+        compose(base, {"a": {"z": 1, "x": {"deep": 1}}, "c": 2})
+    assert str(err.value).splitlines() == [
+        "a.z: not a key of the params it overlays (a typo, or a key params.yaml lacks)",
+        "a.x: a single value in the params it overlays, a mapping here",
+        "c: not a key of the params it overlays (a typo, or a key params.yaml lacks)"]
 
 
 @pytest.mark.parametrize("name,model", [("qwen2.5-math-7b.yaml", "Qwen/Qwen2.5-Math-7B"),
                                         ("llama-3.1-8b-instruct.yaml", "meta-llama/Llama-3.1-8B-Instruct")])
 def test_configs_carry_the_papers_settings(name, model):
-    cfg = yaml.safe_load((ROOT / "configs" / name).read_text())
+    cfg = _composed(name)
     assert cfg["model"]["base"] == model
     t = cfg["train"]
     assert (t["lr"], t["epochs"], t["global_batch_size"], t["micro_batch_size"], t["max_length"], t["zero_stage"]) \
@@ -252,8 +301,10 @@ def test_configs_carry_the_papers_settings(name, model):
     assert t["launcher"].startswith("deepspeed --hostfile hostfile")
     tr = cfg["prepare"]["files"]["train"]
     assert cfg["prepare"]["source"] == "files" and (tr["limit"], tr["subsample"]) == (100000, 50000)
+    assert (t["warmup_ratio"], t["grad_clip"], t["weight_decay"], t["adam_betas"]) == (0.1, 1.0, 0.01, [0.9, 0.95])
     ev = cfg["evaluate"]
-    assert (ev["k"], ev["temperature"], ev["top_p"]) == (16, 1.0, 1.0)
+    assert (ev["k"], ev["temperature"], ev["top_p"], ev["max_new_tokens"]) == (16, 1.0, 1.0, 4096)
+    assert cfg["verify"]["mode"] == "paper" and cfg["prepare"]["files"]["train"]["answer"] is None
     names = ["math500", "minerva_math", "olympiadbench", "aime24", "amc23"]
     assert ev["benchmarks"] == names and [b["name"] for b in cfg["prepare"]["files"]["benchmarks"]] == names
     assert cfg["rollout"]["backend"] == "vllm" and cfg["rollout"]["data_parallel_size"] * \
@@ -272,8 +323,8 @@ def test_configs_carry_the_papers_settings(name, model):
 def test_config_prompts_render_the_papers_user_turns():
     from drsft.prompts import user_message
 
-    qwen = yaml.safe_load((ROOT / "configs" / "qwen2.5-math-7b.yaml").read_text())["prompt"]
-    llama = yaml.safe_load((ROOT / "configs" / "llama-3.1-8b-instruct.yaml").read_text())["prompt"]
+    qwen = _composed("qwen2.5-math-7b.yaml")["prompt"]
+    llama = _composed("llama-3.1-8b-instruct.yaml")["prompt"]
     # qwen-boxed: system "You are a helpful assistant.", user "{input}\nPlease reason step by step, ..."
     assert qwen["system"] == "You are a helpful assistant."
     assert user_message("1+1?", qwen) == "1+1?\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -298,7 +349,8 @@ def test_dvc_interpolates_the_launcher_into_the_train_command(tmp_path, monkeypa
         work.mkdir()
         Repo.init(str(work), no_scm=True).close()
         shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-        shutil.copy(params, work / "params.yaml")
+        composed = _composed(params.name) if params.parent.name == "configs" else yaml.safe_load(params.read_text())
+        (work / "params.yaml").write_text(yaml.safe_dump(composed, sort_keys=False))
         monkeypatch.chdir(work)  # DVC reads the default params file from the working directory
         with Repo(str(work)) as repo:
             assert repo.stage.collect("train")[0].cmd == expected
@@ -313,7 +365,7 @@ def _git(cwd, *args):
                           capture_output=True, text=True)
 
 
-def test_use_config_validates_refuses_dirty_params_and_copies(tmp_path):
+def test_use_composes_validates_and_refuses_dirty_or_composed_params(tmp_path):
     work = tmp_path / "repo"
     (work / "configs").mkdir(parents=True)
     shutil.copy(ROOT / "params.yaml", work / "params.yaml")
@@ -322,17 +374,17 @@ def test_use_config_validates_refuses_dirty_params_and_copies(tmp_path):
     _git(work, "init", "-q")
     _git(work, "add", "-A")
     _git(work, "commit", "-qm", "base")
-    script = [sys.executable, str(ROOT / "scripts" / "use_config.py")]
+    script = [sys.executable, "-m", "drsft", "use"]
 
     def use(cfg):
         return subprocess.run([*script, cfg], cwd=work, capture_output=True, text=True, check=False)
 
-    bad = yaml.safe_load((work / "params.yaml").read_text())
-    del bad["train"]["lr"]
-    bad["train"]["lrr"] = 1e-5
-    (work / "bad.yaml").write_text(yaml.safe_dump(bad))
+    (work / "bad.yaml").write_text(yaml.safe_dump({"train": {"lrr": 1e-5, "lr": -1.0}}))
     res = use("bad.yaml")
-    assert res.returncode == 1 and "train.lr: missing" in res.stderr and "train.lrr: unknown key" in res.stderr
+    assert res.returncode == 1 and "bad.yaml: train.lrr: not a key of the params it overlays" in res.stderr
+    (work / "bad.yaml").write_text(yaml.safe_dump({"train": {"lr": -1.0}}))
+    res = use("bad.yaml")
+    assert res.returncode == 1 and "bad.yaml: train.lr:" in res.stderr, res.stderr
     assert (work / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
 
     (work / "params.yaml").write_text((work / "params.yaml").read_text() + "\n# local edit\n")
@@ -342,8 +394,14 @@ def test_use_config_validates_refuses_dirty_params_and_copies(tmp_path):
 
     res = use("configs/qwen2.5-math-7b.yaml")
     assert res.returncode == 0, res.stderr
-    assert (work / "params.yaml").read_text() == (ROOT / "configs" / "qwen2.5-math-7b.yaml").read_text()
-    _git(work, "checkout", "params.yaml")  # back to the embedded world
+    from drsft.params import load_params
+
+    assert load_params(work / "params.yaml") == _composed("qwen2.5-math-7b.yaml")
+    _git(work, "add", "params.yaml")
+    _git(work, "commit", "-qm", "qwen")        # even committed, a composition is not a base for another overlay
+    res = use("configs/llama-3.1-8b-instruct.yaml")
+    assert res.returncode == 1 and "already composed from configs/qwen2.5-math-7b.yaml" in res.stderr
+    _git(work, "checkout", "HEAD~1", "--", "params.yaml")  # back to the embedded world
     assert (work / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
 
 

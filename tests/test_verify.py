@@ -245,7 +245,7 @@ def test_stage_writes_verdicts_and_metrics(tmp_path):
     assert m["pass_at_n"] == pytest.approx(2 / 3)
     assert m["mean_solve_rate"] == pytest.approx((0.5 + 0 + 1) / 3)
     assert m["reasons"] == {"ok": 3, "wrong": 2, "no_answer": 1, "timeout": 0, "parse_error": 0}
-    assert m["verdicts_per_s"] > 0
+    assert json.loads((tmp_path / "runs" / "metrics.json").read_text())["verdicts_per_s"] > 0
 
 
 # ------------------------------------------------------------------------------- real data

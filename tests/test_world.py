@@ -273,11 +273,11 @@ def test_world_checks_flag_each_property_at_its_threshold(over, failing):
 
 
 def test_committed_world_summary_passes_its_checks_under_params():
-    """metrics/prepare.json (what `make repro` measured on the committed world) re-checked against
+    """metrics/probe.json (what `make repro` measured on the committed world) re-checked against
     params.yaml's thresholds: every property holds, and the recorded flags are what they imply."""
     from drsft.probe import headroom_families, world_checks
 
-    w = json.loads((ROOT / "metrics" / "prepare.json").read_text())["world"]
+    w = json.loads((ROOT / "metrics" / "probe.json").read_text())["world"]
     probe = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]["probe"]
     assert world_checks(w, probe) == w["checks"]
     assert all(w["checks"].values()), w["checks"]
@@ -291,10 +291,14 @@ def _sha(path):
 
 @pytest.fixture(scope="module")
 def default_world(tmp_path_factory):
-    """The real default ``prepare`` (minutes), run once for the tests below."""
+    """The real default ``prepare`` (minutes) and ``probe``, run once for the tests below."""
     out = tmp_path_factory.mktemp("default_world")
     cmd = [sys.executable, str(ROOT / "stages" / "prepare.py"), "--params", str(ROOT / "params.yaml"),
            "--data", str(out / "data"), "--model", str(out / "model"), "--metrics", str(out / "prepare.json")]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=900)
+    cmd = [sys.executable, str(ROOT / "stages" / "probe.py"), "--params", str(ROOT / "params.yaml"),
+           "--problems", str(out / "data" / "train.jsonl"), "--model", str(out / "model"),
+           "--metrics", str(out / "probe.json")]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=900)
     return out
 
@@ -303,7 +307,7 @@ def default_world(tmp_path_factory):
 def test_default_prepare_world_properties(default_world):
     out = default_world
     m = json.loads((out / "prepare.json").read_text())
-    w = m["world"]
+    w = json.loads((out / "probe.json").read_text())["world"]
     assert 0.2 <= w["solve_rate"] <= 0.7
     assert w["unsolved_share"] >= 0.15
     assert w["guided_solve_rate_on_unsolved"] > w["unguided_solve_rate_on_unsolved_fresh"]

@@ -1,6 +1,6 @@
 """The ablation's statistics: arms x training seeds x problems -> means, 95 % intervals, paired differences.
 
-``scripts/ablation.py`` runs the arms as queued ``dvc exp run``s and hands their per-problem scores
+:mod:`drsft.experiments` runs the arms as queued ``dvc exp run``s and hands their per-problem scores
 (the mean of each problem's k verdicts, from ``data/evaluate*/<benchmark>.jsonl``) to
 :func:`summarize`, which writes what ``metrics/ablation.json`` holds. The intervals come from
 :func:`drsft.stats.bootstrap`: problems resampled within each benchmark and shared by every arm

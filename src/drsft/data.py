@@ -18,11 +18,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from drsft.fingerprint import file_sha256
+from drsft.hubspec import HubSpec, parse_hub_spec
 from drsft.io import DataError, check_unique_ids, iter_jsonl
 from drsft.verify import extract_boxed
 
@@ -60,34 +60,6 @@ def _iter_rows(path: str, default_split: str = "train", provenance: dict | None 
         raise DataError(path, None, "a datasets id needs a pinned revision: owner/name[:config]@<commit>[#split] "
                                     "(DVC reruns prepare when params change, not when a hub dataset does)")
     yield from _iter_hub(spec, path, provenance)
-
-
-_HUB_SPEC = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<config>[\w.-]+))?(?:@(?P<revision>[\w./-]+?))?"
-                       r"(?:#(?P<split>[\w.\[\]:%+-]+))?")
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-@dataclass(frozen=True)
-class HubSpec:
-    """A ``datasets`` hub id: ``owner/name[:config][@revision][#split]``."""
-
-    repo: str
-    config: str | None
-    revision: str | None
-    split: str
-
-
-def parse_hub_spec(spec: str, default_split: str = "train") -> HubSpec | None:
-    """The parts of ``owner/name[:config][@revision][#split]``, or ``None`` when ``spec`` is not one.
-
-    A name ending in ``.jsonl``/``.json``/``.parquet`` is a file, never a hub id. ``revision`` is a commit
-    (a branch or tag is accepted and resolved to its commit when loaded); ``split`` defaults to
-    ``default_split``.
-    """
-    m = _HUB_SPEC.fullmatch(spec)
-    if m is None or m["repo"].endswith(_FILE_SUFFIXES) or (m["config"] or "").endswith(_FILE_SUFFIXES):
-        return None
-    return HubSpec(m["repo"], m["config"], m["revision"], m["split"] or default_split)
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:

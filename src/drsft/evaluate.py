@@ -17,9 +17,8 @@ def generate_and_verify(backend, problems: Sequence[Mapping], prompts: Sequence[
                         verify_cfg: Mapping) -> list[tuple]:
     """Sample ``sp.n`` completions per prompt and verify each against its problem's answer.
 
-    Returns ``(problem, sample_index, completion, verdict)`` tuples in problem order; shared by
-    evaluation and the world probe of ``prepare`` (``guided_align`` generates through resumable
-    shards and verifies the shards' records).
+    Returns ``(problem, sample_index, completion, verdict)`` tuples in problem order: the world
+    probe's (the stages generate through resumable shards and verify the shards' records).
     """
     completions = backend.generate(list(prompts), sp, progress=True) if prompts else []
     flat = [(p, i, c) for p, comps in zip(problems, completions) for i, c in enumerate(comps)]
@@ -28,11 +27,63 @@ def generate_and_verify(backend, problems: Sequence[Mapping], prompts: Sequence[
     return [(p, i, c, v) for (p, i, c), v in zip(flat, verdicts)]
 
 
-def _prediction_rows(backend, problems, prompts, sp: SamplingParams, mode: str, verify_cfg: Mapping) -> list[dict]:
-    return [{"problem_id": p["id"], "mode": mode, "sample_index": i, "response": c.text,
-             "tokens": len(c.token_ids), "finish_reason": c.finish_reason, "extracted": v.extracted,
-             "correct": v.correct, "reason": v.reason, "answer": p["answer"]}
-            for p, i, c, v in generate_and_verify(backend, problems, prompts, sp, verify_cfg)]
+GENERATION_FIELDS = ("problem_id", "mode", "sample_index", "response", "tokens", "finish_reason")
+PREDICTION_FIELDS = (*GENERATION_FIELDS, "extracted", "correct", "reason", "answer")
+
+# The evaluate params that determine the generations (the shard fingerprint); ``benchmarks``,
+# ``shard_size`` and ``n_boot`` change none.
+GENERATION_KEYS = ("k", "temperature", "top_p", "max_new_tokens", "greedy", "seed")
+
+
+def generation_rows(backend, problems: Sequence[Mapping], prompt_cfg: Mapping, cfg: Mapping, batch_size: int,
+                    progress=True) -> list[dict]:
+    """Generations for ``problems``: ``evaluate.k`` samples of every problem (problem by problem),
+    then one greedy row per problem when ``evaluate.greedy`` (fields :data:`GENERATION_FIELDS`)."""
+    prompts = [render_prompt(backend.tokenizer, p["problem"], prompt_cfg) for p in problems]
+    k = int(cfg["k"])
+    runs = []
+    if k > 0:
+        runs.append(("sample", SamplingParams(n=k, temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
+                                              max_new_tokens=int(cfg["max_new_tokens"]), seed=int(cfg["seed"]),
+                                              batch_size=batch_size)))
+    if cfg.get("greedy", True):
+        runs.append(("greedy", SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=int(cfg["max_new_tokens"]),
+                                              seed=int(cfg["seed"]), batch_size=batch_size)))
+    rows: list[dict] = []
+    for mode, sp in runs:
+        completions = backend.generate(prompts, sp, progress=progress) if prompts else []
+        rows += [{"problem_id": p["id"], "mode": mode, "sample_index": i, "response": c.text,
+                  "tokens": len(c.token_ids), "finish_reason": c.finish_reason}
+                 for p, comps in zip(problems, completions) for i, c in enumerate(comps)]
+    return rows
+
+
+def check_generation_rows(problem_ids: Sequence[str], k: int, greedy: bool, rows: Sequence[Mapping]) -> None:
+    """Raise ValueError unless ``rows`` are exactly what :func:`generation_rows` writes for these
+    problems (samples 0..k-1 of each, then the greedy rows), each with every field."""
+    expected = [(pid, "sample", j) for pid in problem_ids for j in range(k)]
+    expected += [(pid, "greedy", 0) for pid in problem_ids] if greedy else []
+    got = []
+    for n, row in enumerate(rows):
+        missing = [f for f in GENERATION_FIELDS if f not in row]
+        if missing:
+            raise ValueError(f"row {n + 1} lacks field(s) {missing}")
+        if row["finish_reason"] not in ("stop", "length") or not isinstance(row["response"], str):
+            raise ValueError(f"row {n + 1}: finish_reason {row['finish_reason']!r} or a response that is no string")
+        got.append((row["problem_id"], row["mode"], row["sample_index"]))
+    if got != expected:
+        raise ValueError(f"expected {k} sample(s){' and a greedy row' if greedy else ''} for each of "
+                         f"{len(problem_ids)} problems in order, got {len(got)} rows")
+
+
+def verify_rows(rows: Sequence[Mapping], answers: Mapping[str, str], verify_cfg: Mapping) -> list[dict]:
+    """Prediction rows (fields :data:`PREDICTION_FIELDS`): each generation verified against its
+    problem's answer. Run on every evaluation, so a change of ``verify`` reuses the generations."""
+    verdicts = verify_batch([(r["response"], answers[r["problem_id"]]) for r in rows],
+                            workers=int(verify_cfg["workers"]), timeout_s=float(verify_cfg["timeout_s"]),
+                            mode=verify_cfg["mode"])
+    return [{**{f: r[f] for f in GENERATION_FIELDS}, "extracted": v.extracted, "correct": v.correct,
+             "reason": v.reason, "answer": answers[r["problem_id"]]} for r, v in zip(rows, verdicts)]
 
 
 def summarize(predictions: Sequence[Mapping], k: int) -> dict:
@@ -51,22 +102,6 @@ def summarize(predictions: Sequence[Mapping], k: int) -> dict:
     if greedy:
         out["greedy"] = sum(bool(r["correct"]) for r in greedy) / len(greedy)
     return out
-
-
-def evaluate_benchmark(backend, problems: Sequence[Mapping], prompt_cfg: Mapping, cfg: Mapping,
-                       verify_cfg: Mapping, batch_size: int) -> tuple[dict, list[dict]]:
-    prompts = [render_prompt(backend.tokenizer, p["problem"], prompt_cfg) for p in problems]
-    k = int(cfg["k"])
-    preds: list[dict] = []
-    if k > 0:
-        sp = SamplingParams(n=k, temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
-                            max_new_tokens=int(cfg["max_new_tokens"]), seed=int(cfg["seed"]), batch_size=batch_size)
-        preds += _prediction_rows(backend, problems, prompts, sp, "sample", verify_cfg)
-    if cfg.get("greedy", True):
-        sp = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=int(cfg["max_new_tokens"]),
-                            seed=int(cfg["seed"]), batch_size=batch_size)
-        preds += _prediction_rows(backend, problems, prompts, sp, "greedy", verify_cfg)
-    return summarize(preds, k), preds
 
 
 def average_over(benchmarks: Mapping[str, Mapping]) -> dict:

@@ -447,3 +447,19 @@ def read_training_rows(path: str | os.PathLike, known: Iterable[str] | None = No
 
 def finite_or_none(x: float) -> float | None:
     return x if x is not None and math.isfinite(x) else None
+
+
+def run_info_path(metrics_path: str | os.PathLike) -> Path:
+    """Where :func:`write_run_info` puts the run record of ``metrics_path``: ``<folder>/runs/<name>``."""
+    m = Path(metrics_path)
+    return m.parent / "runs" / m.name
+
+
+def write_run_info(metrics_path: str | os.PathLike, info: dict) -> Path:
+    """Write what this invocation did and how long it took (wall time, throughput, resumed work) to
+    :func:`run_info_path`. These vary between identical runs, so they stay out of the declared
+    metrics: ``dvc metrics diff`` shows results only and a rerun on the same machine changes no
+    tracked file (``metrics/runs/`` is git-ignored)."""
+    path = run_info_path(metrics_path)
+    write_json(path, info)
+    return path

@@ -34,6 +34,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, ValidationInfo
 from pydantic import field_validator
 
+from drsft.hubspec import parse_hub_spec
+
 # ----------------------------------------------------------------------------------------------
 # Value types
 
@@ -403,6 +405,7 @@ class EvaluateSection(_Section):
     greedy: Bool                       # also a greedy (temperature 0) pass
     seed: Seed
     n_boot: Annotated[int, Strict(), Field(ge=100)]   # bootstrap resamples of the 95 % intervals
+    shard_size: PosInt                 # problems per evaluation shard (the unit of resume)
 
     @field_validator("benchmarks")
     @classmethod
@@ -483,7 +486,7 @@ _PREPARE_OUTS = ("data/prepare", "models/base")
 
 def _input_problems(files: FilesSection) -> list[tuple[str, str]]:
     """Local inputs must lie in ``files.root`` (prepare's declared dep, so replacing a file reruns
-    prepare); a ``datasets`` id is recognised by its ``@revision`` (drsft.data.parse_hub_spec)."""
+    prepare); a pinned ``datasets`` id (drsft.hubspec) is not a local file."""
     out: list[tuple[str, str]] = []
     root = files.root
     for outp in _PREPARE_OUTS:
@@ -493,7 +496,8 @@ def _input_problems(files: FilesSection) -> list[tuple[str, str]]:
     named = [("prepare.files.train.path", files.train.path)]
     named += [(f"prepare.files.benchmarks[{i}].path", b.path) for i, b in enumerate(files.benchmarks)]
     for key, path in named:
-        if "@" in path or _inside(path, root):
+        hub = parse_hub_spec(path)
+        if (hub is not None and hub.revision) or _inside(path, root):
             continue
         out.append((key, f"{_show(path)} is outside prepare.files.root ({_show(root)}): prepare depends on that "
                          "folder, so a file elsewhere could change without prepare rerunning. Put the file "

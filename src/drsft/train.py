@@ -82,7 +82,7 @@ from pathlib import Path
 from typing import Any
 
 from drsft.fingerprint import file_sha256, fingerprint, model_fingerprint
-from drsft.io import DataError, atomic_path, check_duplicate_row, iter_jsonl, require, write_json
+from drsft.io import DataError, atomic_path, check_duplicate_row, iter_jsonl, require, write_json, write_run_info
 from drsft.params import ParamsError
 
 log = logging.getLogger("drsft.train")
@@ -813,7 +813,6 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
             live.log_metric("train/nll", nll)
             live.log_metric("train/lr", lr)
             live.log_metric("train/grad_norm", grad_norm)
-            live.log_metric("train/tokens_per_s", tok.item() / dt if dt > 0 else 0.0)
             for tier, v in weight_summary(step_stats).items():
                 for key in ("weight_mean", "weight_max", "clip_frac"):
                     if v[key] is not None:
@@ -850,8 +849,6 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
         "mean_loss": sum(history) / len(history) if history else None,
         "final_nll": state["nll_history"][-1] if state["nll_history"] else None,
         "mean_nll": sum(state["nll_history"]) / len(state["nll_history"]) if state["nll_history"] else None,
-        "train_time_s": state["train_time_s"],
-        "tokens_per_s": state["input_tokens"] / state["train_time_s"] if state["train_time_s"] > 0 else None,
         "weights": weight_summary(state["totals"]),
         "loss": cfg["loss"],
         "zero_stage": cfg["zero_stage"],
@@ -860,18 +857,22 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
         "packing": cfg["packing"],
         "batching": cfg["batching"],
         **batching_summary(plan, lengths, cfg, gas, world),
-        "resumed_from_steps": state["resumed_from"],
     }
+    # what this run did and how long it took: beside the metrics, not in them (drsft.stage)
+    run_info = {"train_time_s": state["train_time_s"],
+                "tokens_per_s": state["input_tokens"] / state["train_time_s"] if state["train_time_s"] > 0 else None,
+                "resumed_from_steps": state["resumed_from"]}
     if rank == 0:
         if metrics_path is not None:
             write_json(metrics_path, metrics)
+            write_run_info(metrics_path, run_info)
         if live is not None:
             live.summary.update({"final_loss": metrics["final_loss"], "mean_loss": metrics["mean_loss"]})
             live.end()
         log.info("trained %d steps in %.1fs (this run %.1fs); model saved to %s", total_steps, state["train_time_s"],
                  time.perf_counter() - t_segment, out_dir)
     dist.barrier()
-    return metrics
+    return {**metrics, **run_info}
 
 
 def data_file(data_dir: str | os.PathLike, kind: str) -> Path:

@@ -298,10 +298,10 @@ def test_stage_fails_cleanly_and_keeps_earlier_outputs(tmp_path, load_stage, sta
     params = str(_params(tmp_path, verify={"workers": 1}))
     good = runner.invoke(main, ["--params", params, *args])
     assert good.exit_code == 0, good.output
-    before = {p: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert before
     (tmp_path / bad[0]).write_bytes(bad[1])
     result = runner.invoke(main, ["--params", params, *args])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert message in result.output, result.output
-    assert {p: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before

@@ -5,8 +5,9 @@ with ``dvc repro`` in a copy of the repository; then everything a stage could re
 deleted (the ``persist: true`` outputs: sample and guided_align shards, the dvclive history; the
 train checkpoints) and ``dvc repro -f`` runs every stage again from scratch (``-f`` also bypasses
 DVC's run cache). Every cached output must have the same md5 in dvc.lock, and every metrics /
-plots file must be byte-identical, except the wall-clock timing keys listed in ``TIMINGS``.
-So DVC's cache means what it says: a cached output is *the* output of its params and inputs.
+plots file must be byte-identical: wall-clock timings are written beside the metrics
+(``metrics/runs/``, drsft.io.write_run_info), never in a declared output. So DVC's cache means what
+it says: a cached output is *the* output of its params and inputs, and a rerun leaves git clean.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline_copy import DVC, SMALL, copy_repo, ran_stages, run  # noqa: E402
+from pipeline_copy import DVC, SMALL, copy_repo, expand_stages, ran_stages, run  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -43,17 +44,6 @@ TINY = {
     "train.save_every": 2,
 }
 
-# Wall-clock measurements: the only values allowed to differ between the two runs. All of them
-# live in `cache: false` outputs (metrics and the dvclive history); no cached output holds one.
-# JSON files: dotted key paths; other files: the whole file.
-TIMINGS = {
-    "metrics/prepare.json": ["seconds", "model.pretrain.seconds", "world.seconds"],  # stage, pretraining, probe
-    "metrics/sample.json": ["seconds", "tokens_per_s"],
-    "metrics/verify.json": ["seconds", "verdicts_per_s"],
-    "metrics/train.json": ["train_time_s", "tokens_per_s"],
-    "dvclive/train/metrics.json": ["train.tokens_per_s"],                # the last step's throughput
-    "dvclive/train/plots/metrics/train/tokens_per_s.tsv": None,         # per-step throughput: the whole file
-}
 
 
 def _cached_md5s(lock: dict, uncached: list[str]) -> dict[str, str]:
@@ -80,31 +70,11 @@ def _persisted(dvc_yaml: dict) -> list[str]:
             for e in s.get(kind, []) if isinstance(e, dict) and (next(iter(e.values())) or {}).get("persist")]
 
 
-def _drop(obj: dict, dotted: str) -> None:
-    *parents, last = dotted.split(".")
-    for p in parents:
-        obj = obj[p]
-    assert last in obj, f"timing key {dotted} is gone: update TIMINGS"
-    del obj[last]
-
-
 def _files(root: Path, path: str) -> dict[str, bytes]:
     p = root / path
     if p.is_file():
         return {path: p.read_bytes()}
     return {f.relative_to(root).as_posix(): f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file()}
-
-
-def _comparable(rel: str, data: bytes):
-    """The file's content with its wall-clock timings removed."""
-    if rel in TIMINGS and TIMINGS[rel] is None:
-        return None
-    if rel in TIMINGS:
-        obj = json.loads(data)
-        for key in TIMINGS[rel]:
-            _drop(obj, key)
-        return obj
-    return data
 
 
 def _json_diff(a, b, prefix: str = "") -> list[str]:
@@ -124,7 +94,7 @@ def _explain(rel: str, a: bytes, b: bytes) -> str:
 def test_two_runs_from_scratch_are_byte_identical(tmp_path):
     dst = tmp_path / "repo"
     env = copy_repo(dst, TINY)
-    dvc_yaml = yaml.safe_load((dst / "dvc.yaml").read_text())
+    dvc_yaml = {"stages": expand_stages(yaml.safe_load((dst / "dvc.yaml").read_text()))}
     uncached = _uncached(dvc_yaml)
 
     first = run([DVC, "repro"], dst, env)
@@ -138,8 +108,8 @@ def test_two_runs_from_scratch_are_byte_identical(tmp_path):
     assert ran_stages(second) == set(dvc_yaml["stages"])
     # really from scratch: nothing was resumed
     for stage in ("sample", "guided_align"):
-        assert json.loads((dst / f"metrics/{stage}.json").read_text())["resumed_shards"] == 0
-    assert json.loads((dst / "metrics/train.json").read_text())["resumed_from_steps"] == []
+        assert json.loads((dst / f"metrics/runs/{stage}.json").read_text())["resumed_shards"] == 0
+    assert json.loads((dst / "metrics/runs/train.json").read_text())["resumed_from_steps"] == []
     lock2 = yaml.safe_load((dst / "dvc.lock").read_text())
     files2 = {k: v for path in uncached for k, v in _files(dst, path).items()}
 
@@ -148,9 +118,7 @@ def test_two_runs_from_scratch_are_byte_identical(tmp_path):
     differ = sorted(k for k in md5_1 if md5_1[k] != md5_2[k])
     assert not differ, f"cached outputs differ between two runs with the same params and seed: {differ}"
 
-    for rel in TIMINGS:
-        assert rel in files1, f"TIMINGS names {rel}, which no stage writes any more"
     assert files1.keys() == files2.keys()
-    differ = sorted(rel for rel in files1 if _comparable(rel, files1[rel]) != _comparable(rel, files2[rel]))
-    assert not differ, "metrics/plots differ beyond their wall-clock timings (TIMINGS): " + "; ".join(
+    differ = sorted(rel for rel in files1 if files1[rel] != files2[rel])
+    assert not differ, "metrics/plots differ between two runs: " + "; ".join(
         _explain(rel, files1[rel], files2[rel]) for rel in differ)

@@ -1,4 +1,4 @@
-"""Faults: a real ``kill -9`` of ``sample``, ``guided_align`` and ``train``, then a rerun.
+"""Faults: a real ``kill -9`` of ``sample``, ``guided_align``, ``train`` and ``evaluate``, then a rerun.
 
 Each stage script runs as a subprocess (in its own process group) on tiny inputs built here with
 the ``tiny_model_dir`` fixture, with ``--params`` pointing to a tmp params file and every path
@@ -10,7 +10,8 @@ checks that
   most a dot-prefixed ``.tmp`` file that the shard pattern does not match);
 * the rerun reuses the finished work (same inode and mtime of each shard that existed at the
   kill, the "resuming: N of M" log line; for train the checkpoint step in ``resumed_from_steps``);
-* the final outputs are byte-identical to an uninterrupted run's with the same params and seed;
+* the final outputs and metrics are byte-identical to an uninterrupted run's with the same params
+  and seed (what each invocation did and how long it took is written beside the metrics);
 * no temporary file is left behind.
 """
 
@@ -32,19 +33,13 @@ STAGES = ROOT / "stages"
 sys.path.insert(0, str(ROOT / "src"))
 
 from drsft.io import read_json, read_jsonl, write_jsonl  # noqa: E402
+from drsft.evaluate import check_generation_rows  # noqa: E402
 from drsft.rollout import check_sample_records  # noqa: E402
 
 N_PROBLEMS = 16      # shard_size 1: 16 shards, ~1 s of generation, so a kill lands mid-run
 N_SAMPLES = 2
 TRAIN_ROWS = 32      # global batch 4, 2 epochs: 16 optimizer steps, a checkpoint after each
 
-# Metrics keys that legitimately differ between a resumed and an uninterrupted run: wall-clock
-# timings, and counters of what this particular invocation did (generated vs resumed).
-RUN_KEYS = {
-    "sample": {"seconds", "tokens_per_s", "tokens_generated", "resumed_shards", "generated_shards"},
-    "guided_align": {"resumed_shards", "generated_shards"},
-    "train": {"train_time_s", "tokens_per_s", "resumed_from_steps"},
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,10 +146,9 @@ def _temp_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".tmp"))
 
 
-def _without(metrics: dict, keys: set[str]) -> dict:
-    missing = keys - set(metrics)
-    assert not missing, f"metrics lack {missing}: update RUN_KEYS"
-    return {k: v for k, v in metrics.items() if k not in keys}
+def _run_info(metrics_path: Path) -> dict:
+    """What one invocation did (resumed / generated work, timings): beside its metrics (drsft.io)."""
+    return read_json(metrics_path.parent / "runs" / metrics_path.name)
 
 
 def _shard_ids(folder: Path) -> dict[str, tuple[int, int]]:
@@ -187,14 +181,13 @@ def _sharded_kill_and_resume(script: str, work: Path, args_for: Callable[[str], 
     assert f"resuming: {len(done)} of {N_PROBLEMS} shards already done" in log, log[-3000:]
     after = _shard_ids(shards)
     assert all(after[name] == before[name] for name in before), "a finished shard was rewritten"
-    m = read_json(metrics_for("run"))
-    assert m["resumed_shards"] == len(done) and m["generated_shards"] == N_PROBLEMS - len(done)
+    run = _run_info(metrics_for("run"))
+    assert run["resumed_shards"] == len(done) and run["generated_shards"] == N_PROBLEMS - len(done)
 
     for ref, run in zip(outputs_for("ref"), outputs_for("run")):
         assert _tree(run) == _tree(ref), f"{run} differs from the uninterrupted run's {ref}"
         assert _temp_files(run) == []
-    key = script.removesuffix(".py")
-    assert _without(m, RUN_KEYS[key]) == _without(read_json(metrics_for("ref")), RUN_KEYS[key])
+    assert read_json(metrics_for("run")) == read_json(metrics_for("ref"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,11 +239,10 @@ def test_train_killed_resumes_from_checkpoint_and_equals_uninterrupted_run(tmp_p
 
     log = _run("train.py", args("run"), tmp_path)
     assert f"at optimizer step {step}/{total}" in log, log[-3000:]
-    m = read_json(tmp_path / "run.json")
-    assert m["resumed_from_steps"] == [step]
-    # The trained model, byte for byte (weights, config, tokenizer), and the loss history.
+    assert _run_info(tmp_path / "run.json")["resumed_from_steps"] == [step]
+    # The trained model, byte for byte (weights, config, tokenizer), the metrics and the loss history.
     assert _tree(tmp_path / "run_model") == _tree(tmp_path / "ref_model")
-    assert _without(m, RUN_KEYS["train"]) == _without(ref, RUN_KEYS["train"])
+    assert read_json(tmp_path / "run.json") == ref
 
     def losses(live):
         rows = (live / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
@@ -261,3 +253,41 @@ def test_train_killed_resumes_from_checkpoint_and_equals_uninterrupted_run(tmp_p
     # Only the last checkpoint is left, and no temporary file anywhere.
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == [f"step-{total:06d}"]
     assert _temp_files(tmp_path) == []
+
+
+def test_evaluate_killed_resumes_and_equals_uninterrupted_run(tmp_path, inputs):
+    """evaluate generates and verifies each benchmark in fingerprinted shards: a kill after the first
+    shard loses only the unfinished ones, and predictions and metrics equal an uninterrupted run's."""
+    params = yaml.safe_load(inputs["params"].read_text())
+    params["evaluate"].update(benchmarks=["toy_arith"], k=N_SAMPLES, max_new_tokens=32, shard_size=1, greedy=True,
+                              n_boot=200)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "toy_arith.jsonl").write_bytes(inputs["problems"].read_bytes())
+    problems = read_jsonl(inputs["problems"])
+
+    def args(name):
+        return ["--params", tmp_path / "params.yaml", "--model", inputs["model"], "--benchmarks-dir", bench,
+                "--out", tmp_path / name, "--metrics", tmp_path / f"{name}.json", "--no-progress"]
+
+    _run("evaluate.py", args("ref"), tmp_path)
+    shards = tmp_path / "run" / "shards" / "toy_arith"
+    _kill_when("evaluate.py", args("run"), tmp_path, lambda: any(shards.glob("shard-*.jsonl")))
+    done = sorted(p.name for p in shards.glob("shard-*.jsonl"))
+    assert done and len(done) < N_PROBLEMS, f"killed after {len(done)} of {N_PROBLEMS} shards"
+    for name in done:   # each is a whole shard: its problem's k samples and greedy row
+        i = int(name[len("shard-"):-len(".jsonl")])
+        check_generation_rows([problems[i]["id"]], N_SAMPLES, True, read_jsonl(shards / name))
+    assert not (tmp_path / "run.json").exists()
+    before = _shard_ids(shards)
+
+    log = _run("evaluate.py", args("run"), tmp_path)
+    assert f"resuming: {len(done)} of {N_PROBLEMS} shards already done" in log, log[-3000:]
+    after = _shard_ids(shards)
+    assert all(after[name] == before[name] for name in before), "a finished shard was rewritten"
+    assert _tree(tmp_path / "run") == _tree(tmp_path / "ref")
+    assert read_json(tmp_path / "run.json") == read_json(tmp_path / "ref.json")
+    assert _temp_files(tmp_path / "run") == []
+    preds = read_jsonl(tmp_path / "run" / "toy_arith.jsonl")
+    assert len(preds) == N_PROBLEMS * (N_SAMPLES + 1)

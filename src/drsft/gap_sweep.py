@@ -3,11 +3,11 @@
 The embedded world's gap knob is ``prepare.toy.textbook_frac``, the share of the base model's plain
 pretraining examples answered in the expert's textbook style (drsft.world.pretraining_examples). It
 changes the base model as well as the gap: each setting is its own world.
-For each setting this runs the ablation (``scripts/ablation.py``: the four arms x ``--seeds`` training
+For each setting this runs the ablation (:mod:`drsft.experiments`: the four arms x ``--seeds`` training
 seeds as queued ``dvc exp run``s; the first experiment of a setting pretrains its base model, the
 others reuse it from DVC's run cache), reads the *measured* gap -- the probe's mean per-token NLL of
 the expert demonstrations under that base model and its ratio to the NLL of the model's own correct
-solutions, ``metrics/prepare.json`` world.nll_expert and nll_ratio_expert_to_own -- and writes:
+solutions, ``metrics/probe.json`` world.nll_expert and nll_ratio_expert_to_own -- and writes:
 
 * ``metrics/gap_sweep.json``: per setting the measured gap and every arm's mean avg@k with its 95 %
   interval and the paired differences (as ``metrics/ablation.json``);
@@ -15,25 +15,21 @@ solutions, ``metrics/prepare.json`` world.nll_expert and nll_ratio_expert_to_own
   against the measured NLL ratio, the ``gap_sweep`` plot of dvc.yaml);
 * ``docs/gap_sweep.png``: the same with interval bars, and the paired differences (matplotlib).
 
-    python scripts/gap_sweep.py                         # textbook_frac 0, 0.1, 0.3 (and 3 seeds)
-    python scripts/gap_sweep.py --values 0,0.05,0.2,0.5 --seeds 2 --skip-existing
+    drsft gap-sweep                         # textbook_frac 0, 0.1, 0.3 (and 3 seeds; make gap-sweep)
+    drsft gap-sweep --values 0,0.05,0.2,0.5 --seeds 2 --skip-existing
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ablation import ablation, exp_name, experiments  # noqa: E402
-from drsft.ablation import ARMS  # noqa: E402
-from drsft.io import write_csv, write_json  # noqa: E402
-from drsft.params import load_params  # noqa: E402
+from drsft.ablation import ARMS
+from drsft.experiments import ablation, exp_name, experiments
+from drsft.io import write_csv, write_json
+from drsft.params import load_params
 
 KNOB = "prepare.toy.textbook_frac"
 
@@ -100,14 +96,16 @@ def _current_ablation(seeds: list[int], value: float) -> dict | None:
     return a if same else None
 
 
-@click.command()
+@click.command("gap-sweep")
 @click.option("--values", default="0,0.1,0.3", show_default=True, help=f"comma-separated settings of {KNOB}")
 @click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--n-boot", type=click.IntRange(min=100), default=2000, show_default=True)
 @click.option("--skip-existing", is_flag=True, help="experiments that exist on this commit are kept, not rerun")
 @click.option("--png", default="docs/gap_sweep.png", show_default=True)
-def main(values, n_seeds, jobs, n_boot, skip_existing, png):
+def gap_sweep_command(values, n_seeds, jobs, n_boot, skip_existing, png):
+    """Beyond the paper: the four arms at several settings of the world's policy-gap knob
+    (prepare.toy.textbook_frac), accuracy against the measured expert NLL."""
     settings = [float(v) for v in values.split(",") if v.strip()]
     params = load_params("params.yaml")
     default = float(params["prepare"]["toy"]["textbook_frac"])
@@ -155,6 +153,3 @@ def main(values, n_seeds, jobs, n_boot, skip_existing, png):
         click.echo(f"| {r['textbook_frac']:g} | {r['nll_expert']:.3f} | {r['nll_ratio']:.1f} | {cells} | {diffs} |")
     click.echo(f"wrote metrics/gap_sweep.json, metrics/plots/gap_sweep.csv, {png}", err=True)
 
-
-if __name__ == "__main__":
-    main()

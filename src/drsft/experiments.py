@@ -6,7 +6,7 @@ write ``metrics/ablation.json`` and print the table with 95 % intervals.
    -S train.loss=... -S train.seed=<seed>``. A queued experiment snapshots the workspace and runs in
    its own temporary directory, so the workspace is never touched.
 3. ``dvc exp run --run-all --jobs N`` runs the queue. Every stage upstream of ``train`` comes from the
-   DVC cache, so per experiment only ``train`` and ``evaluate`` run (the tier ablation's arm,
+   DVC cache, so per experiment only ``train`` and ``evaluate@trained`` run (the tier ablation's arm,
    ``--with-noguided``, also reruns ``guided_align`` with ``n`` 0 and ``fallback``); the script
    prints, for each, the stages its log shows running.
 4. The per-problem scores of every experiment (``data/evaluate/<benchmark>.jsonl`` at the
@@ -16,12 +16,13 @@ write ``metrics/ablation.json`` and print the table with 95 % intervals.
    reports (DR+DFT − DFT, DR+SFT − SFT, DR+DFT − base, DFT − SFT). Written to ``metrics/ablation.json``
    (``metrics/ablation-<tag>.json`` with ``--tag``) and printed as ``mean ± half-width``.
 
-    python scripts/ablation.py                      # four arms x 3 seeds
-    python scripts/ablation.py --seeds 5 --with-is  # more seeds, plus rewritten+is and rewritten+is_dft
-    python scripts/ablation.py --with-noguided      # plus DR+DFT without guided re-solving (DR+DFT vs it)
-    python scripts/ablation.py --table-only         # recompute the summary from existing experiments
-    python scripts/ablation.py --plots ablation_plots
-    python scripts/ablation.py --set train.lr=1e-4 --tag lr1e-4   # the arms at another setting
+    drsft ablation                      # four arms x 3 seeds (make ablation)
+    drsft ablation --seeds 5 --with-is  # more seeds, plus rewritten+is and rewritten+is_dft
+    drsft ablation --with-noguided      # plus DR+DFT without guided re-solving (DR+DFT vs it)
+    drsft ablation --arms dft --arms dr-dft   # a subset of the arms
+    drsft ablation --table-only         # recompute the summary from existing experiments
+    drsft ablation --plots ablation_plots
+    drsft ablation --set train.lr=1e-4 --tag lr1e-4   # the arms at another setting
 """
 
 from __future__ import annotations
@@ -29,18 +30,15 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from drsft.ablation import (ARM_OVERRIDES, ARMS, EXTRA_PAIRS, IS_ARMS, NOGUIDED_ARMS, PAIRS,  # noqa: E402
-                            format_tables, summarize)
-from drsft.io import iter_jsonl_stream, write_json  # noqa: E402
-from drsft.params import load_params  # noqa: E402
-from drsft.stats import problem_scores  # noqa: E402
+from drsft.ablation import (ARM_OVERRIDES, ARMS, EXTRA_PAIRS, IS_ARMS, NOGUIDED_ARMS, PAIRS, format_tables,
+                            summarize)
+from drsft.io import iter_jsonl_stream, write_json
+from drsft.params import load_params
+from drsft.stats import problem_scores
 
 
 def _dvc(*args: str) -> str:
@@ -152,7 +150,7 @@ def collect(arms: list[tuple[str, str, str]], seeds: list[int], tag: str) -> tup
         rows = [read_scores(found[names[(arm, s)]][0], "data/evaluate", benchmarks) for s in seeds]
         scores[arm] = {b: [r[b] for r in rows] for b in benchmarks}
     metrics = first.get("metrics") or {}
-    world = ((metrics.get("metrics/prepare.json") or {}).get("data") or {}).get("world") or {}
+    world = ((metrics.get("metrics/probe.json") or {}).get("data") or {}).get("world") or {}
     rewrite = ((metrics.get("metrics/rewrite.json") or {}).get("data") or {})
     context = {"k": params["evaluate"]["k"], "evaluate_seed": params["evaluate"]["seed"],
                "problems": {b: len(v) for b, v in scores["base"].items()},
@@ -186,12 +184,14 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
     return result
 
 
-@click.command()
+@click.command("ablation")
 @click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="training seeds per arm: train.seed = params.yaml's train.seed + 0 .. N-1")
 @click.option("--with-is", is_flag=True, help="also run the importance-sampling arms (drsft's extensions)")
 @click.option("--with-noguided", is_flag=True,
               help="also run the tier ablation dr-noguided-dft (guided_align.n=0: no guided re-solving)")
+@click.option("--arms", "only", multiple=True, metavar="ARM",
+              help="run only these arms (repeatable; default: all of the selected set), e.g. --arms sft --arms dr-dft")
 @click.option("--table-only", is_flag=True, help="do not run; summarize the existing experiments")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="queued experiments run at once (dvc exp run --run-all --jobs)")
@@ -201,10 +201,18 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
 @click.option("--tag", default="", help="part of the experiment names (sft-<tag>-s0, ...) and of the output file")
 @click.option("--n-boot", type=click.IntRange(min=100), default=2000, show_default=True, help="bootstrap resamples")
 @click.option("--out", default=None, help="summary file [default: metrics/ablation.json, or metrics/ablation-<tag>.json]")
-def main(n_seeds, with_is, with_noguided, table_only, jobs, plots_dir, overrides, tag, n_boot, out):
+def ablation_command(n_seeds, with_is, with_noguided, only, table_only, jobs, plots_dir, overrides, tag, n_boot, out):
+    """The paper's comparison: the arms x training seeds as queued `dvc exp run`s, then
+    metrics/ablation.json (means, 95 % intervals, paired differences) and the table."""
     if overrides and not tag:
         raise click.UsageError("--set needs a --tag, so that these arms do not replace the default ones")
     arms = ARMS + (IS_ARMS if with_is else []) + (NOGUIDED_ARMS if with_noguided else [])
+    if only:
+        unknown = sorted(set(only) - {a for a, _, _ in arms})
+        if unknown:
+            raise click.UsageError(f"--arms: unknown arm(s) {', '.join(unknown)}; the selected set is "
+                                   f"{', '.join(a for a, _, _ in arms)} (--with-is / --with-noguided add more)")
+        arms = [arm for arm in arms if arm[0] in only]
     base_seed = int(load_params("params.yaml")["train"]["seed"])
     seeds = [base_seed + i for i in range(n_seeds)]
     ablation(arms, seeds, tag, overrides, jobs, table_only, n_boot,
@@ -213,6 +221,3 @@ def main(n_seeds, with_is, with_noguided, table_only, jobs, plots_dir, overrides
         _dvc("plots", "diff", *[exp_name(a, tag, seeds[0]) for a, _, _ in arms], "--out", plots_dir)
         click.echo(f"plots: {Path(plots_dir) / 'index.html'}", err=True)
 
-
-if __name__ == "__main__":
-    main()
