@@ -5,30 +5,28 @@ the reference row of every table).
 
 Resumable, as ``sample``: each benchmark's generations are written in shards of
 ``evaluate.shard_size`` problems under ``<out>/shards/<benchmark>/`` (``persist: true`` in
-dvc.yaml) by :func:`drsft.rollout.run_sharded`, fingerprinted by what determines them (the
+dvc.yaml) by :func:`drsft.shards.run_sharded`, fingerprinted by what determines them (the
 sampling params, rollout backend and dtype, prompt, benchmark file and model). A killed run keeps
 its finished shards and the rerun generates only the rest. Verification runs on every evaluation
 (minutes at most), so a change of ``verify`` rescoring the same generations regenerates nothing.
 The predictions ``<out>/<benchmark>.jsonl`` and the metrics equal an uninterrupted run's.
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import click
 
-import click  # noqa: E402
-
-from drsft.data import load_benchmark  # noqa: E402
-from drsft.evaluate import (GENERATION_KEYS, add_intervals, average_over, check_generation_rows,  # noqa: E402
+from drsft.data import load_benchmark
+from drsft.evaluate import (GENERATION_KEYS, add_intervals, average_over, check_generation_rows,
                             generation_rows, summarize, verify_rows)
-from drsft.fingerprint import file_sha256, model_fingerprint  # noqa: E402
-from drsft.io import DataError, read_jsonl, write_csv, write_json, write_jsonl  # noqa: E402
-from drsft.models import resolve_model  # noqa: E402
-from drsft.params import load_params, section  # noqa: E402
-from drsft.rollout import make_backend, policy_identity, run_sharded  # noqa: E402
-from drsft.stage import clear_errors, count_records, log, preflight, sequences_bytes  # noqa: E402
-from drsft.stats import problem_scores  # noqa: E402
+from drsft.fingerprint import file_sha256, model_fingerprint
+from drsft.io import DataError, read_jsonl, write_csv, write_json, write_jsonl
+from drsft.models import resolve_model
+from drsft.params import load_params, section
+from drsft.rollout import make_backend, policy_identity
+from drsft.shards import run_sharded
+from drsft.stage import clear_errors, count_records, log, preflight, sequences_bytes
+from drsft.stats import problem_scores
 
 
 PLOT_COLUMNS = ("avg_at_k", "avg_at_k_low", "avg_at_k_high", "greedy", "pass_at_k", "no_answer_rate")
@@ -108,7 +106,7 @@ def main(params_path, model_dir, benchmarks_dir, out, metrics, plot_csv, progres
                 state["bar"].close()
                 state["bar"] = None
         preds = verify_rows([row for path in run.paths for row in read_jsonl(path)],
-                            {p["id"]: p["answer"] for p in problems}, verify_cfg)
+                            {p["id"]: p["answer"] for p in problems}, verify_cfg, progress=progress)
         write_jsonl(Path(out) / f"{name}.jsonl", preds)
         m = summarize(preds, k)
         results[name] = m

@@ -5,22 +5,24 @@ Outputs ``data/train/rewritten.jsonl`` (self + guided + fallback rows) and
 in the same format, plus the policy-gap diagnostics in ``metrics/rewrite.json``. Expert responses
 get their plain-prompt log-probs under the base model; their behaviour policy (the expert's) is
 unknown, so ``behaviour_logprobs`` is null and ``behaviour`` is ``unknown``.
+
+The scoring (a forward pass of the base model over every expert demonstration: hours at the paper's
+scale) runs in resumable shards of ``fallback.shard_size`` problems under ``data/fallback/shards``
+(``persist: true``; drsft.scoring.score_sharded): a killed run keeps its finished shards.
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import click
 
-import click  # noqa: E402
-
-from drsft.io import read_problem_ids, read_problems, read_training_rows, write_csv, write_json, write_jsonl  # noqa: E402
-from drsft.models import load_model, load_tokenizer  # noqa: E402
-from drsft.params import load_params, section  # noqa: E402
-from drsft.prompts import encode_response, render_prompt  # noqa: E402
-from drsft.rewrite import dropped_rows, nll_histogram, rewrite_metrics, training_row  # noqa: E402
-from drsft.scoring import score_responses  # noqa: E402
-from drsft.stage import clear_errors, log  # noqa: E402
+from drsft.fingerprint import model_fingerprint
+from drsft.io import read_problem_ids, read_problems, read_training_rows, write_csv, write_json, write_jsonl
+from drsft.models import load_model, load_tokenizer
+from drsft.params import load_params, section
+from drsft.prompts import encode_response, render_prompt
+from drsft.rewrite import dropped_rows, nll_histogram, rewrite_metrics, training_row
+from drsft.scoring import score_sharded
+from drsft.stage import clear_errors, log
 
 
 @click.command()
@@ -33,12 +35,16 @@ from drsft.stage import clear_errors, log  # noqa: E402
 @click.option("--guided-metrics", default="metrics/guided_align.json", show_default=True)
 @click.option("--model", "model_dir", default="models/base", show_default=True)
 @click.option("--out", default="data/train", show_default=True)
+@click.option("--shards", default="data/fallback/shards", show_default=True,
+              help="resumable scoring shards (persisted by DVC)")
 @click.option("--metrics", default="metrics/rewrite.json", show_default=True)
 @click.option("--plot-csv", default="metrics/plots/nll_hist.csv", show_default=True)
 @click.option("--tiers-csv", default="metrics/plots/tiers.csv", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
 @clear_errors
-def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, guided_metrics, model_dir, out, metrics,
-         plot_csv, tiers_csv):
+def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, guided_metrics, model_dir, out, shards,
+         metrics, plot_csv, tiers_csv, progress):
+    """Assemble the rewritten training set (self + guided + expert fallback) and the expert set."""
     params = load_params(params_path)
     cfg, prompt_cfg = section(params, "fallback"), section(params, "prompt")
     trust = section(params, "model")["trust_remote_code"]
@@ -49,11 +55,13 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, 
     tiers = read_training_rows(self_rows, known) + read_training_rows(guided_rows, known)
     dropped = dropped_rows(self_metrics, guided_metrics)
     tok = load_tokenizer(model_dir, trust_remote_code=trust)
-    model = load_model(model_dir, trust_remote_code=trust)
 
     prompts = [render_prompt(tok, p["problem"], prompt_cfg) for p in problem_list]
     response_ids = [encode_response(tok, p["solution"]) for p in problem_list]
-    logprobs = score_responses(model, tok, prompts, response_ids, batch_size=int(cfg["score_batch_size"]))
+    logprobs = score_sharded(shards, int(cfg["shard_size"]), known, prompts, response_ids,
+                             {"model": model_fingerprint(model_dir), "trust_remote_code": trust},
+                             lambda: (load_model(model_dir, trust_remote_code=trust), tok),
+                             batch_size=int(cfg["score_batch_size"]), progress=progress, desc="fallback: score")
     expert = [training_row(p["id"], "expert", pr, p["solution"], ids, None, lp, "unknown")
               for p, pr, ids, lp in zip(problem_list, prompts, response_ids, logprobs)]
 

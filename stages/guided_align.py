@@ -11,36 +11,36 @@ behaviour policy that actually produced it; recorded at sampling time) and under
 
 Generation is resumable, as in ``sample``: the guided re-solves are written in shards of
 ``guided_align.shard_size`` problems (Sample records, docs/records.md) under ``<out>/shards``
-(``persist: true`` in dvc.yaml) by :func:`drsft.rollout.run_sharded`, with a fingerprint of what
+(``persist: true`` in dvc.yaml) by :func:`drsft.shards.run_sharded`, with a fingerprint of what
 determines them (the generation params, ``rollout``, ``prompt``, the problems and hints, the
 model) in ``<out>/shards/manifest.json``. A killed run reuses its finished shards; shards of
-other params/inputs are deleted, never reused. Verification, the leak filter, selection and
-plain-prompt scoring are cheap and rerun on every run, so a change of ``verify``, of the
-verifier's code or of the filter/selection params (``max_shared_ngram``, ``leak_phrases``,
-``rule``, ...) reuses the generation.
+other params/inputs are deleted, never reused. Verification, the leak filter and selection are
+cheap and rerun on every run, so a change of ``verify``, of the verifier's code or of the
+filter/selection params (``max_shared_ngram``, ``leak_phrases``, ``rule``, ...) reuses the
+generation. The plain-prompt scoring of the chosen re-solves is resumable too
+(drsft.scoring.score_sharded, shards of ``guided_align.score_shard_size`` under
+``<out>/score_shards``), fingerprinted by the chosen responses and the model.
 """
 
 import gc
-import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import click
 
-import click  # noqa: E402
-
-from drsft.fingerprint import fingerprint, model_fingerprint  # noqa: E402
-from drsft.io import read_jsonl, read_problem_ids, write_json, write_jsonl, write_run_info  # noqa: E402
-from drsft.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from drsft.params import load_params, section  # noqa: E402
-from drsft.prompts import render_prompt  # noqa: E402
-from drsft.rewrite import group_by_problem, leak_reason, select, training_row  # noqa: E402
-from drsft.rollout import (SamplingParams, check_sample_records, make_backend, policy_identity,  # noqa: E402
-                           run_sharded, sample_records)
-from drsft.scoring import score_responses  # noqa: E402
-from drsft.stage import (clear_errors, count_records, log, preflight, problems_by_id,  # noqa: E402
+from drsft.fingerprint import fingerprint, model_fingerprint
+from drsft.io import read_jsonl, read_problem_ids, write_json, write_jsonl, write_run_info
+from drsft.models import load_model, load_tokenizer, resolve_model
+from drsft.params import load_params, section
+from drsft.prompts import render_prompt
+from drsft.rewrite import group_by_problem, leak_reason, select, training_row
+from drsft.rollout import (SamplingParams, check_sample_records, make_backend, policy_identity,
+                           sample_records)
+from drsft.shards import run_sharded
+from drsft.scoring import score_sharded
+from drsft.stage import (clear_errors, count_records, log, preflight, problems_by_id,
                          sequences_bytes)
-from drsft.verify import verify_batch  # noqa: E402
+from drsft.verify import verify_batch
 
 # The guided_align params that determine the generated re-solves (the shard fingerprint); the
 # others (filter, selection, scoring) act after generation and do not invalidate shards.
@@ -82,10 +82,13 @@ def dropped_counts(status: Counter) -> dict:
 @click.option("--model", "model_dir", default="models/base", show_default=True)
 @click.option("--out", default="data/guided_align", show_default=True)
 @click.option("--shards", default=None, help="resumable generation shards  [default: <out>/shards]")
+@click.option("--score-shards", default=None, help="resumable scoring shards  [default: <out>/score_shards]")
 @click.option("--metrics", default="metrics/guided_align.json", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @clear_errors
-def main(params_path, problems, unsolved, model_dir, out, shards, metrics, progress):
+def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, metrics, progress):
+    """Re-solve the unsolved problems with the expert solution as a hint; keep correct, standalone
+    re-solves as training rows on the plain prompt."""
     params = load_params(params_path)
     cfg, prompt_cfg, roll = section(params, "guided_align"), section(params, "prompt"), section(params, "rollout")
     verify_cfg = section(params, "verify")
@@ -146,7 +149,7 @@ def main(params_path, problems, unsolved, model_dir, out, shards, metrics, progr
     samples = [rec for path in run.paths for rec in read_jsonl(path)]
     verdicts = verify_batch([(r["response"], by_id[r["problem_id"]]["answer"]) for r in samples],
                             workers=int(verify_cfg["workers"]), timeout_s=float(verify_cfg["timeout_s"]),
-                            mode=verify_cfg["mode"])
+                            mode=verify_cfg["mode"], progress=progress)
     resolves, status_counts = [], Counter()
     for rec, v in zip(samples, verdicts):
         p = by_id[rec["problem_id"]]
@@ -166,11 +169,12 @@ def main(params_path, problems, unsolved, model_dir, out, shards, metrics, progr
         chosen.extend((p, rec) for rec in select(kept[p["id"]], rule, keep, seed, p["id"]))
 
     plain_prompts = [render_prompt(tok, p["problem"], prompt_cfg) for p, _ in chosen]
-    plain_lp = []
-    if chosen:
-        scorer = _scoring_model(state, model_path, roll["dtype"], trust)
-        plain_lp = score_responses(scorer, tok, plain_prompts, [rec["response_ids"] for _, rec in chosen],
-                                   batch_size=int(cfg["score_batch_size"]))
+    plain_lp = score_sharded(Path(score_shards) if score_shards else out / "score_shards", int(cfg["score_shard_size"]),
+                             [f"{p['id']}#{rec['sample_index']}" for p, rec in chosen], plain_prompts,
+                             [rec["response_ids"] for _, rec in chosen],
+                             {"model": model_fingerprint(model_dir), "dtype": roll["dtype"], "trust_remote_code": trust},
+                             lambda: (_scoring_model(state, model_path, roll["dtype"], trust), tok),
+                             batch_size=int(cfg["score_batch_size"]), progress=progress, desc="guided_align: score")
     rows = [training_row(p["id"], "guided", pp, rec["response"], rec["response_ids"], rec["logprobs"], lp, "guided")
             for (p, rec), pp, lp in zip(chosen, plain_prompts, plain_lp)]
 

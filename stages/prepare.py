@@ -19,17 +19,14 @@ docs/records.md), ``models/base/`` and ``metrics/prepare.json``.
 """
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import click
 
-import click  # noqa: E402
-
-from drsft.io import DataError, write_json, write_jsonl, write_run_info  # noqa: E402
-from drsft.params import ParamsError, load_params, section  # noqa: E402
-from drsft.stage import clear_errors, log, preflight, prepare_bytes  # noqa: E402
+from drsft.io import DataError, write_json, write_jsonl, write_run_info
+from drsft.params import ParamsError, load_params, section
+from drsft.stage import clear_errors, log, preflight, prepare_bytes
 
 # Every key of the sections read here is guaranteed (present, typed, in range) by load_params,
 # which validates params.yaml against drsft.schema: params.yaml holds the only defaults.

@@ -11,16 +11,12 @@ Its own stage, after ``prepare``, so that editing the sampler, verifier or score
 (seconds) and not the pretraining of the base model (minutes).
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import click
 
-import click  # noqa: E402
-
-from drsft.io import read_jsonl, write_json, write_run_info  # noqa: E402
-from drsft.params import load_params, section  # noqa: E402
-from drsft.stage import clear_errors, log, preflight  # noqa: E402
+from drsft.io import read_jsonl, write_json, write_run_info
+from drsft.params import load_params, section
+from drsft.stage import clear_errors, log, preflight
 
 
 @click.command()

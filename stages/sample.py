@@ -7,22 +7,20 @@ shard, records per docs/records.md "Sample"), ``data/sample/manifest.json`` and
 ``persist: true`` in dvc.yaml); shards of other params/inputs are deleted, never reused.
 """
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import click
 
-import click  # noqa: E402
-
-from drsft.io import (DataError, check_unique_ids, iter_jsonl, read_jsonl, require, write_json,  # noqa: E402
+from drsft.io import (DataError, check_unique_ids, iter_jsonl, read_jsonl, require, write_json,
                       write_run_info)
-from drsft.models import load_tokenizer  # noqa: E402
-from drsft.params import ParamsError, load_params, section  # noqa: E402
-from drsft.prompts import render_prompt  # noqa: E402
-from drsft.rollout import (SamplingParams, check_sample_records, file_sha256, make_backend,  # noqa: E402
-                           model_fingerprint, policy_identity, run_sharded, sample_records)
-from drsft.stage import clear_errors, count_records, log, preflight, sequences_bytes  # noqa: E402
+from drsft.models import load_tokenizer
+from drsft.params import ParamsError, load_params, section
+from drsft.prompts import render_prompt
+from drsft.fingerprint import file_sha256, model_fingerprint
+from drsft.rollout import (SamplingParams, check_sample_records, make_backend, policy_identity,
+                           sample_records)
+from drsft.shards import run_sharded
+from drsft.stage import clear_errors, count_records, log, preflight, sequences_bytes
 
 
 def load_problems(path) -> list[dict]:
@@ -56,6 +54,8 @@ def sampling_params(cfg: dict, roll: dict) -> SamplingParams:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @clear_errors
 def main(params_path, problems, model_dir, out, metrics, progress):
+    """Sample sample.n solutions per training problem from the base model, with the behaviour log-prob
+    of every token, in resumable shards."""
     params = load_params(params_path)
     cfg, roll, prompt_cfg = section(params, "sample"), section(params, "rollout"), section(params, "prompt")
     trust = section(params, "model")["trust_remote_code"]

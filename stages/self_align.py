@@ -1,16 +1,13 @@
 """self_align: keep the model's own correct solutions (the on-policy tier)."""
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import click
 
-import click  # noqa: E402
-
-from drsft.io import read_problems, read_samples, read_verdicts, write_json, write_jsonl  # noqa: E402
-from drsft.params import load_params, section  # noqa: E402
-from drsft.rewrite import self_align  # noqa: E402
-from drsft.stage import clear_errors, log  # noqa: E402
+from drsft.io import read_problems, read_samples, read_verdicts, write_json, write_jsonl
+from drsft.params import load_params, section
+from drsft.rewrite import self_align
+from drsft.stage import clear_errors, log
 
 
 @click.command()
@@ -22,6 +19,7 @@ from drsft.stage import clear_errors, log  # noqa: E402
 @click.option("--metrics", default="metrics/self_align.json", show_default=True)
 @clear_errors
 def main(params_path, problems, samples, verdicts, out, metrics):
+    """Keep the model's own correct solutions (tier self) and list the problems without one."""
     cfg = section(load_params(params_path), "self_align")
     problem_ids = [p["id"] for p in read_problems(problems)]
     shards = read_samples(samples, problem_ids)

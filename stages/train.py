@@ -6,16 +6,13 @@ Writes models/trained (HF folder + tokenizer), metrics/train.json, dvclive/train
 resumable checkpoints in models/checkpoints. See drsft.train for the details.
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import click
 
-import click  # noqa: E402
-
-from drsft.params import load_params, section  # noqa: E402
-from drsft.stage import TRAIN_WEIGHT_FACTOR, clear_errors, preflight, weights_bytes  # noqa: E402
-from drsft.train import data_file, train  # noqa: E402
+from drsft.params import load_params, section
+from drsft.stage import TRAIN_WEIGHT_FACTOR, clear_errors, preflight, weights_bytes
+from drsft.train import data_file, train
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -33,6 +30,8 @@ from drsft.train import data_file, train  # noqa: E402
 @click.pass_context
 @clear_errors
 def main(ctx, params_path, data_dir, data_path, model_dir, out, checkpoints, metrics, live_dir, max_steps):
+    """Fine-tune the base model on data/train/<train.data>.jsonl with train.loss (DeepSpeed ZeRO),
+    resuming from the last checkpoint of the same run."""
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK is read from the environment instead.
     extra = [a for a in ctx.args if not a.startswith("--local_rank")]
     if extra:

@@ -4,20 +4,16 @@ Reads the problems (``id``, ``answer``) and the sample shards; writes one verdic
 (docs/records.md) and the stage metrics.
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import time
+from collections import Counter
 
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
+import click
 
-import click  # noqa: E402
-
-from drsft.io import read_problems, read_samples, write_json, write_jsonl, write_run_info  # noqa: E402
-from drsft.params import load_params, section  # noqa: E402
-from drsft.stage import clear_errors, log  # noqa: E402
-from drsft.verify import REASONS, verify_batch  # noqa: E402
+from drsft.io import read_problems, read_samples, write_json, write_jsonl, write_run_info
+from drsft.params import load_params, section
+from drsft.stage import clear_errors, log
+from drsft.verify import REASONS, verify_batch
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -42,14 +38,17 @@ def summarize(rows: list[dict]) -> dict:
 @click.option("--samples", default="data/sample", show_default=True)
 @click.option("--out", default="data/verify/verdicts.jsonl", show_default=True)
 @click.option("--metrics", default="metrics/verify.json", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
 @clear_errors
-def main(params_path, problems, samples, out, metrics):
+def main(params_path, problems, samples, out, metrics, progress):
+    """Grade every sample's final answer against its problem's reference answer."""
     cfg = section(load_params(params_path), "verify")
     answers = {p["id"]: p["answer"] for p in read_problems(problems)}
     todo = read_samples(samples, answers, fields=("problem_id", "sample_index", "response"))
     t0 = time.perf_counter()
     verdicts = verify_batch([(s["response"], answers[s["problem_id"]]) for s in todo],
-                            workers=int(cfg["workers"]), timeout_s=float(cfg["timeout_s"]), mode=cfg["mode"])
+                            workers=int(cfg["workers"]), timeout_s=float(cfg["timeout_s"]), mode=cfg["mode"],
+                            progress=progress)
     seconds = time.perf_counter() - t0
     rows = [{"problem_id": s["problem_id"], "sample_index": s["sample_index"], "correct": v.correct,
              "reason": v.reason, "extracted": v.extracted} for s, v in zip(todo, verdicts)]

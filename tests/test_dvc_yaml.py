@@ -61,7 +61,9 @@ def _dep_paths(stage):
 def test_every_stage_lists_its_script_and_all_imported_modules():
     problems = []
     for name, stage in _stages().items():
-        script = stage["cmd"].split()[1]
+        script = next(w for w in stage["cmd"].split() if w.startswith("stages/"))
+        # the code DVC hashed is the code that runs: the run folder's src/, not an installed copy
+        assert stage["cmd"].startswith("PYTHONPATH=src "), f"stage {name}: {stage['cmd']}"
         deps = _dep_paths(stage)
         assert script in deps, f"stage {name}: its script {script} is not a dep"
         code_deps = {d for d in deps if d.startswith("src/")}

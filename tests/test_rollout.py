@@ -13,7 +13,8 @@ from drsft import rollout
 from drsft.io import read_json, read_jsonl, write_jsonl
 from drsft.models import load_model, load_tokenizer
 from drsft.prompts import render_prompt
-from drsft.rollout import HFBackend, SamplingParams, make_backend, run_sharded
+from drsft.rollout import HFBackend, SamplingParams, make_backend
+from drsft.shards import run_sharded
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

@@ -144,6 +144,12 @@ class LLM:
                 json.dump({"gpus": gpus, "kw": kw}, f)
 
     def generate(self, inputs, sampling_params, use_tqdm=False):
+        # progress as vLLM reports it: a tqdm-like factory wraps the request list, then counts
+        # finished requests on a bar (update, postfix, close)
+        pbar = None
+        if callable(use_tqdm):
+            inputs = list(use_tqdm(inputs, desc="Adding requests"))
+            pbar = use_tqdm(total=len(inputs), desc="Processed prompts", dynamic_ncols=True, postfix="0 toks/s")
         outs = []
         for inp, sp in zip(inputs, sampling_params):
             comps = []
@@ -155,6 +161,11 @@ class LLM:
                 comps.append(_Obj(index=j, token_ids=ids, logprobs=lps,
                                   finish_reason="length" if length == sp.max_tokens else "stop"))
             outs.append(_Obj(outputs=comps[::-1]))
+            if pbar is not None:
+                pbar.update(1)
+                pbar.postfix = "1 toks/s"
+        if pbar is not None:
+            pbar.close()
         return outs
 '''
 
@@ -174,6 +185,19 @@ def fake_vllm(tmp_path, monkeypatch):
     sys.modules.pop("vllm", None)
 
 
+class _Bar:
+    """A progress bar that records its updates."""
+
+    def __init__(self):
+        self.updates = []
+
+    def update(self, n):
+        self.updates.append(n)
+
+    def set_postfix(self, **kwargs):
+        pass
+
+
 def test_vllm_data_parallel_workers_match_one_engine(fake_vllm, tiny_model_dir, prompt_cfg):
     from drsft.models import load_tokenizer
     from drsft.prompts import render_prompt
@@ -184,7 +208,9 @@ def test_vllm_data_parallel_workers_match_one_engine(fake_vllm, tiny_model_dir, 
     sp = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=6, seed=11)
 
     one = make_backend("vllm", str(tiny_model_dir), tensor_parallel_size=1, data_parallel_size=1)
-    ref = one.generate(prompts, sp)
+    bar = _Bar()
+    ref = one.generate(prompts, sp, progress=bar)
+    assert sum(bar.updates) == len(prompts) * sp.n and bar.updates[-1] == 0   # counted inside vLLM's loop
     assert [len(cs) for cs in ref] == [3] * len(prompts)
     assert len({tuple(c.token_ids) for c in ref[-3]}) > 1 or ref[-3][0].token_ids != ref[-2][0].token_ids
     assert [c.token_ids for c in ref[-1]] != [c.token_ids for c in ref[-2]], "repeated prompt, other seeds"
@@ -196,8 +222,12 @@ def test_vllm_data_parallel_workers_match_one_engine(fake_vllm, tiny_model_dir, 
         procs = list(be.pool.procs)
         assert len(procs) == dp and all(p.is_alive() for p in procs), "one persistent worker per rank"
         try:
-            got = be.generate(prompts, sp)
+            bar = _Bar()
+            got = be.generate(prompts, sp, progress=bar)
             assert got == ref, f"dp={dp}: results must not depend on the data-parallel size"
+            # the workers' finished requests reach the caller's bar while they run (at least one message
+            # per rank: the 0.5 s throttle flushes when a rank's call ends), nothing is left after them
+            assert sum(bar.updates) == len(prompts) * sp.n and bar.updates[-1] == 0 and len(bar.updates) > dp
             few = be.generate(prompts[:1], sp)  # fewer prompts than ranks: idle ranks are skipped
             assert few == ref[:1]
         finally:
@@ -341,10 +371,10 @@ def test_dvc_interpolates_the_launcher_into_the_train_command(tmp_path, monkeypa
     from dvc.repo import Repo
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert stages["train"]["cmd"] == "${train.launcher} stages/train.py"
-    for params, expected in ((ROOT / "params.yaml", "python stages/train.py"),
+    assert stages["train"]["cmd"] == "PYTHONPATH=src ${train.launcher} stages/train.py"
+    for params, expected in ((ROOT / "params.yaml", "PYTHONPATH=src python stages/train.py"),
                              (ROOT / "configs" / "qwen2.5-math-7b.yaml",
-                              "deepspeed --hostfile hostfile --num_gpus 8 stages/train.py")):
+                              "PYTHONPATH=src deepspeed --hostfile hostfile --num_gpus 8 stages/train.py")):
         work = tmp_path / params.stem
         work.mkdir()
         Repo.init(str(work), no_scm=True).close()

@@ -94,3 +94,38 @@ def test_score_responses_order_batching_and_edge_cases(backend, prompts):
         score_responses(backend.model, backend.tokenizer, ps[:2], responses[:1])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         score_responses(backend.model, backend.tokenizer, ps[:1], [[10**6]])
+
+
+def test_score_sharded_resumes_finished_shards_and_equals_score_responses(tmp_path, backend, prompts):
+    """Scoring in resumable shards: each shard equals score_responses on its pairs; a rerun reuses every
+    finished shard (the model is not even loaded when none is left), rescoring only a missing one;
+    other pairs never reuse a shard."""
+    from drsft.scoring import score_sharded
+
+    tok = backend.tokenizer
+    pairs = prompts[:5]
+    resp = [tok(f" {i} + 1 = {i + 1}. \\boxed{{{i + 1}}}", add_special_tokens=False)["input_ids"] for i in range(5)]
+    keys = [f"p{i}" for i in range(5)]
+    loads = []
+
+    def load():
+        loads.append(1)
+        return backend.model, tok
+
+    def run(keys_=keys, resp_=resp):
+        return score_sharded(tmp_path / "s", 2, keys_, pairs, resp_, {"model": "tiny"}, load, batch_size=4)
+
+    first = run()
+    assert first == [lp for s in (0, 2, 4) for lp in score_responses(backend.model, tok, pairs[s:s + 2], resp[s:s + 2],
+                                                                       batch_size=4)]
+    assert sorted(p.name for p in (tmp_path / "s").glob("shard-*.jsonl")) == [f"shard-0000{i}.jsonl" for i in range(3)]
+    assert len(loads) == 1
+    assert run() == first and len(loads) == 1                      # everything resumed: no model load
+    (tmp_path / "s" / "shard-00001.jsonl").unlink()
+    before = (tmp_path / "s" / "shard-00000.jsonl").stat().st_mtime_ns
+    assert run() == first and len(loads) == 2
+    assert (tmp_path / "s" / "shard-00000.jsonl").stat().st_mtime_ns == before
+    other = [r + [tok.eos_token_id] for r in resp]                 # other responses: a new fingerprint
+    assert [len(x) for x in run(resp_=other)] == [len(r) for r in other] and len(loads) == 3
+    with pytest.raises(ValueError, match="5 keys, 5 prompts, 4 responses"):
+        run(resp_=resp[:4])

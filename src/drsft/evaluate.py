@@ -76,12 +76,13 @@ def check_generation_rows(problem_ids: Sequence[str], k: int, greedy: bool, rows
                          f"{len(problem_ids)} problems in order, got {len(got)} rows")
 
 
-def verify_rows(rows: Sequence[Mapping], answers: Mapping[str, str], verify_cfg: Mapping) -> list[dict]:
+def verify_rows(rows: Sequence[Mapping], answers: Mapping[str, str], verify_cfg: Mapping,
+                progress: bool = False) -> list[dict]:
     """Prediction rows (fields :data:`PREDICTION_FIELDS`): each generation verified against its
     problem's answer. Run on every evaluation, so a change of ``verify`` reuses the generations."""
     verdicts = verify_batch([(r["response"], answers[r["problem_id"]]) for r in rows],
                             workers=int(verify_cfg["workers"]), timeout_s=float(verify_cfg["timeout_s"]),
-                            mode=verify_cfg["mode"])
+                            mode=verify_cfg["mode"], progress=progress)
     return [{**{f: r[f] for f in GENERATION_FIELDS}, "extracted": v.extracted, "correct": v.correct,
              "reason": v.reason, "answer": answers[r["problem_id"]]} for r, v in zip(rows, verdicts)]
 

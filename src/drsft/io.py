@@ -298,7 +298,7 @@ def read_problems(path: str | os.PathLike) -> list[dict]:
 
 
 def _shard_files(folder: Path) -> list[Path]:
-    """The shard files of a sharded output folder; with a ``manifest.json`` (drsft.rollout.run_sharded),
+    """The shard files of a sharded output folder; with a ``manifest.json`` (drsft.shards.run_sharded),
     exactly the shards it lists, so a run that did not finish is never read as complete."""
     if not folder.is_dir():
         raise DataError(folder, None, "not found (a folder of shard-*.jsonl files): run the sample stage first")

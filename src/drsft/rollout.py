@@ -19,8 +19,7 @@ weights refer to: re-scoring an on-policy response teacher-forced with
 ``finish_reason == "stop"``, and nothing after it (no padding). ``finish_reason`` is ``length``
 when ``max_new_tokens`` ran out first. ``text`` is the decode without special tokens.
 
-The resumable sharded runner :func:`run_sharded` (used by ``sample``, and reusable by any stage
-that turns a list of items into records in shards) lives here too.
+The stages run it through the resumable shards of :mod:`drsft.shards`.
 """
 
 from __future__ import annotations
@@ -33,13 +32,11 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drsft.fingerprint import file_sha256, fingerprint, model_fingerprint  # noqa: F401 (re-exported)
-from drsft.io import DataError, read_json, read_jsonl, write_json, write_jsonl
 from drsft.prompts import encode_prompt
 
 log = logging.getLogger("drsft.rollout")
@@ -564,8 +561,48 @@ def dp_gpu_slices(data_parallel_size: int, tensor_parallel_size: int, visible: S
     return [visible[r * tp:(r + 1) * tp] for r in range(dp)]
 
 
+class _ProgressRelay:
+    """What drsft passes as vLLM's ``use_tqdm`` (which accepts a tqdm-like factory): vLLM calls it
+    as ``use_tqdm(total=..., desc=..., ...)`` for its bar of finished requests and uses ``update(n)``,
+    ``postfix`` and ``close()``; some versions also wrap the request list as ``use_tqdm(iterable,
+    desc=...)``, which is passed through. Finished requests go to ``report(n)``, at most every
+    ``min_interval`` seconds (and on close), so a data-parallel worker can forward them to the
+    parent's bar over its pipe."""
+
+    def __init__(self, report: Any, min_interval: float = 0.5):
+        self.report = report
+        self.min_interval = min_interval
+
+    def __call__(self, iterable: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return iterable if iterable is not None else _RelayBar(self.report, self.min_interval)
+
+
+class _RelayBar:
+    def __init__(self, report: Any, min_interval: float):
+        self.report, self.min_interval = report, min_interval
+        self.pending, self.last = 0, time.monotonic()
+        self.postfix = None
+
+    def update(self, n: int = 1) -> None:
+        self.pending += int(n)
+        if time.monotonic() - self.last >= self.min_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.report(self.pending)
+            self.pending = 0
+        self.last = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+    def __getattr__(self, name: str) -> Any:  # other tqdm methods vLLM may call (refresh, set_postfix, ...)
+        return lambda *args, **kwargs: None
+
+
 def _vllm_requests(llm, vllm, requests: Sequence[tuple[list[int], int]], sp_kwargs: dict,
-                   use_tqdm: bool = False) -> list[list[tuple[list[int], list[float], str]]]:
+                   use_tqdm: Any = False) -> list[list[tuple[list[int], list[float], str]]]:
     """Run ``requests`` = ``[(prompt_token_ids, seed), ...]`` in ONE ``llm.generate`` call (vLLM
     schedules the whole list itself) and return, per request, its samples in sample order as
     ``(token_ids, logprobs, finish_reason)`` with plain Python numbers (small to pickle)."""
@@ -605,7 +642,8 @@ def _vllm_worker(conn, rank: int, gpus: list[str], llm_kwargs: dict) -> None:
 
     Protocol on ``conn``: sends ``("ready", rank)`` or ``("error", text)`` once; then for each
     ``(requests, sp_kwargs)`` received answers ``("ok", results)`` or ``("error", text)``;
-    ``None`` (or a closed pipe) ends it."""
+    ``None`` (or a closed pipe) ends it. While generating it sends ``("progress", n)`` for every
+    ``n`` requests finished (throttled), for the parent's progress bar."""
     # Before anything can initialise CUDA in this process: the slice is all it may see.
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     import traceback
@@ -629,7 +667,8 @@ def _vllm_worker(conn, rank: int, gpus: list[str], llm_kwargs: dict) -> None:
             break
         requests, sp_kwargs = msg
         try:
-            conn.send(("ok", _vllm_requests(llm, vllm, requests, sp_kwargs)))
+            relay = _ProgressRelay(lambda n: conn.send(("progress", n)))
+            conn.send(("ok", _vllm_requests(llm, vllm, requests, sp_kwargs, use_tqdm=relay)))
         except BaseException as exc:  # noqa: BLE001
             conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     conn.close()
@@ -684,22 +723,34 @@ class _VLLMWorkerPool:
             raise RuntimeError("vLLM data-parallel workers failed to start:\n" + "\n".join(errors))
         log.info("vLLM: %d data-parallel ranks on GPUs %s", len(slices), [",".join(s) for s in slices])
 
-    def run(self, parts: list[list[tuple[list[int], int]]], sp_kwargs: dict) -> list[list]:
-        """Send rank r its requests ``parts[r]`` (all ranks work at once) and collect the results."""
+    def run(self, parts: list[list[tuple[list[int], int]]], sp_kwargs: dict, on_progress: Any = None) -> list[list]:
+        """Send rank r its requests ``parts[r]`` (all ranks work at once) and collect the results;
+        ``on_progress(n)`` hears of every ``n`` requests any rank finishes."""
+        from multiprocessing.connection import wait
+
         busy = [r for r, part in enumerate(parts) if part]
         for r in busy:
             self.conns[r].send((parts[r], sp_kwargs))
         results: list[list] = [[] for _ in parts]
         errors = []
-        for r in busy:  # every busy rank answers before we raise, so the pipes stay in step
-            try:
-                kind, payload = self.conns[r].recv()
-            except EOFError:
-                kind, payload = "error", f"data-parallel rank {r} died"
-            if kind == "ok":
-                results[r] = payload
-            else:
-                errors.append(str(payload))
+        rank_of = {id(self.conns[r]): r for r in busy}
+        pending = {r: self.conns[r] for r in busy}
+        while pending:  # every busy rank answers before we raise, so the pipes stay in step
+            for conn in wait(list(pending.values())):
+                r = rank_of[id(conn)]
+                try:
+                    kind, payload = conn.recv()
+                except EOFError:
+                    kind, payload = "error", f"data-parallel rank {r} died"
+                if kind == "progress":
+                    if on_progress is not None:
+                        on_progress(int(payload))
+                    continue
+                del pending[r]
+                if kind == "ok":
+                    results[r] = payload
+                else:
+                    errors.append(str(payload))
         if errors:
             raise RuntimeError("vLLM generation failed:\n" + "\n".join(errors))
         return results
@@ -810,13 +861,27 @@ class VLLMBackend:
             if prompt not in encoded:
                 encoded[prompt] = encode_prompt(self.tokenizer, prompt)
             requests.append((encoded[prompt], sequence_seed(params.seed, prompt, occ, 0)))
-        if self.pool is None:
-            raw = _vllm_requests(self.llm, self._vllm, requests, sp_kwargs, use_tqdm=progress is True)
-        else:
-            splits = dp_split(len(requests), self.data_parallel_size)
-            parts = self.pool.run([[requests[i] for i in idx] for idx in splits], sp_kwargs)
-            raw = dp_reassemble(parts, splits, len(requests))
-        bar = _Progress(progress if progress is not True else False, total=len(prompts) * int(params.n))
+        # One bar over sequences, whatever the number of engines: finished requests reach it from
+        # vLLM's own loop (single engine) or from every data-parallel worker, as they finish.
+        bar = _Progress(progress, total=len(prompts) * int(params.n))
+        done = [0]
+
+        def finished(n: int) -> None:
+            done[0] += n
+            bar.update(n * int(params.n), 0)
+
+        try:
+            if self.pool is None:
+                raw = _vllm_requests(self.llm, self._vllm, requests, sp_kwargs,
+                                     use_tqdm=_ProgressRelay(finished) if bar.bar is not None else False)
+            else:
+                splits = dp_split(len(requests), self.data_parallel_size)
+                parts = self.pool.run([[requests[i] for i in idx] for idx in splits], sp_kwargs,
+                                      on_progress=finished if bar.bar is not None else None)
+                raw = dp_reassemble(parts, splits, len(requests))
+        except BaseException:
+            bar.close()
+            raise
         result: list[list[Completion]] = []
         for i, samples in enumerate(raw):
             if len(samples) != sp_kwargs["n"]:
@@ -830,118 +895,9 @@ class VLLMBackend:
                 comps = [Completion(comps[0].text, list(comps[0].token_ids), list(comps[0].logprobs),
                                     comps[0].finish_reason) for _ in range(int(params.n))]
             result.append(comps)
-        bar.update(len(prompts) * int(params.n), sum(len(c.token_ids) for cs in result for c in cs))
+        bar.update(max(0, len(requests) - done[0]) * int(params.n), sum(len(c.token_ids) for cs in result for c in cs))
+        bar.close()
         return result
-
-
-# ----------------------------------------------------------------------------------------------
-# Resumable sharded runs
-
-
-@dataclass
-class ShardRun:
-    """What :func:`run_sharded` did."""
-
-    paths: list[Path]
-    resumed: list[int]      # shard indices reused from an earlier run
-    generated: list[int]    # shard indices written by this run
-    records_written: int    # records written by this run
-    seconds: float          # time spent in ``process`` by this run
-
-
-MANIFEST = "manifest.json"
-_SHARD_GLOB = "shard-*.jsonl"
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.jsonl"
-
-
-def _clean(out: Path, keep: int | None) -> None:
-    """Delete shard files (all, or those with index >= keep) and temp files of killed writes."""
-    for f in out.glob(_SHARD_GLOB):
-        try:
-            idx = int(f.stem.split("-", 1)[1])
-        except ValueError:
-            idx = -1
-        if keep is None or idx < 0 or idx >= keep:
-            f.unlink()
-    for f in out.glob(".shard-*.tmp"):
-        f.unlink()
-
-
-def run_sharded(items: Sequence[Any], out_dir: str | os.PathLike, shard_size: int, inputs: Any,
-                process: Callable[[list[Any]], list[dict]],
-                validate: Callable[[list[Any], list[dict]], None] | None = None,
-                on_start: Callable[[list[int], list[int]], None] | None = None) -> ShardRun:
-    """Turn ``items`` into records in ``out_dir/shard-00000.jsonl``, ..., resumably.
-
-    Shard ``i`` holds ``process(items[i*shard_size:(i+1)*shard_size])``, written atomically.
-    ``inputs`` is anything JSON-serialisable that determines the output (params, input file
-    hashes, model fingerprint, ...). Its hash and the shard layout go to ``out_dir/manifest.json``.
-    On start, if the manifest is missing or differs, every old shard is deleted (stale results of
-    other params/inputs are never reused); otherwise shards that exist and pass ``validate(items,
-    records)`` (which raises :class:`DataError` or ``ValueError`` to reject) are kept and only the
-    missing or rejected ones are generated. Temp files of killed writes are removed. ``process``
-    must be deterministic for resumed output to equal a fresh run's. ``on_start(resumed, todo)``
-    (shard indices) is called once before any ``process`` call, e.g. to size a progress bar.
-    """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n_shards = (len(items) + shard_size - 1) // shard_size
-    manifest = {"fingerprint": fingerprint(inputs), "inputs": inputs, "shard_size": int(shard_size),
-                "n_items": len(items), "n_shards": n_shards, "shards": [shard_name(i) for i in range(n_shards)]}
-    manifest_path = out / MANIFEST
-    old = None
-    if manifest_path.exists():
-        with contextlib.suppress(DataError):
-            old = read_json(manifest_path)
-    same = isinstance(old, dict) and all(old.get(k) == manifest[k] for k in ("fingerprint", "shard_size", "n_items"))
-    if not same:
-        if any(out.glob(_SHARD_GLOB)):
-            log.info("%s: inputs changed since the last run (or no manifest): deleting old shards", out)
-        _clean(out, keep=None)
-    else:
-        _clean(out, keep=n_shards)
-    write_json(manifest_path, manifest)
-
-    paths, resumed, todo = [], [], []
-    for i in range(n_shards):
-        path = out / shard_name(i)
-        paths.append(path)
-        chunk = list(items[i * shard_size:(i + 1) * shard_size])
-        if path.exists():
-            try:
-                records = read_jsonl(path)
-                if validate is not None:
-                    validate(chunk, records)
-                resumed.append(i)
-                continue
-            except (DataError, ValueError) as exc:
-                log.warning("%s: rejected, regenerating (%s)", path, exc)
-                path.unlink()
-        todo.append(i)
-    if resumed:
-        log.info("%s: resuming: %d of %d shards already done", out, len(resumed), n_shards)
-    if on_start is not None:
-        on_start(list(resumed), list(todo))
-
-    written, seconds = 0, 0.0
-    for i in todo:
-        chunk = list(items[i * shard_size:(i + 1) * shard_size])
-        t0 = time.perf_counter()
-        records = process(chunk)
-        seconds += time.perf_counter() - t0
-        if validate is not None:
-            try:
-                validate(chunk, records)
-            except ValueError as exc:
-                raise RuntimeError(f"{paths[i]}: process() returned invalid records: {exc}") from exc
-        written += write_jsonl(paths[i], records)
-        log.info("%s: wrote %s (%d records)", out, paths[i].name, len(records))
-    return ShardRun(paths=paths, resumed=resumed, generated=todo, records_written=written, seconds=seconds)
 
 
 # ----------------------------------------------------------------------------------------------

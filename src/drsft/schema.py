@@ -308,6 +308,7 @@ class GuidedAlignSection(_Section):
     leak_phrases: list[NonEmptyStr]
     score_batch_size: PosInt
     shard_size: PosInt                 # problems per generation shard (the unit of resume)
+    score_shard_size: PosInt           # chosen re-solves per scoring shard (the unit of resume)
 
     @field_validator("temperature")
     @classmethod
@@ -323,6 +324,7 @@ class GuidedAlignSection(_Section):
 
 class FallbackSection(_Section):
     score_batch_size: PosInt
+    shard_size: PosInt                 # problems per scoring shard (the unit of resume)
 
 
 def _is_clip(value: Any) -> Any:

@@ -3,17 +3,23 @@
 ``gather_logprobs`` is the only place where logits become per-token log-probabilities. The hf
 rollout backend records behaviour log-probs with it, :func:`score_responses` re-scores
 responses with it, and the trainer computes its losses with it, so all three agree to float
-rounding (the importance weight of an on-policy token is 1 up to ~1e-6).
+rounding (the importance weight of an on-policy token is 1 up to ~1e-6). :func:`score_sharded`
+runs :func:`score_responses` in resumable shards, for the stages that score many responses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from drsft.io import read_jsonl
 from drsft.prompts import encode_prompt
+from drsft.shards import run_sharded
 
 
 _FP32_CHUNK = 4096   # positions per transient fp32 copy of low-precision logits
@@ -120,3 +126,57 @@ def score_responses(model, tokenizer, prompts: Sequence[str], response_ids: Sequ
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def score_sharded(out_dir, shard_size: int, keys: Sequence[str], prompts: Sequence[str],
+                  response_ids: Sequence[Sequence[int]], inputs: dict, load: Callable[[], tuple],
+                  batch_size: int, progress: bool = False, desc: str = "score") -> list[list[float]]:
+    """:func:`score_responses` over resumable shards of ``shard_size`` pairs (drsft.shards), in order.
+
+    A killed scoring run keeps its finished shards (records ``{"key", "logprobs"}`` in ``out_dir``);
+    the rerun scores only the rest. ``keys`` name the pairs (unique strings, e.g. problem ids).
+    ``load()`` returns ``(model, tokenizer)`` and is called only when some shard is left to score.
+    ``inputs``: what determines the log-probs besides the pairs (the model's fingerprint, dtype); a
+    hash of every ``(key, prompt, response_ids)`` is added, so other pairs never reuse a shard.
+    """
+    if not len(keys) == len(prompts) == len(response_ids):
+        raise ValueError(f"score_sharded: {len(keys)} keys, {len(prompts)} prompts, {len(response_ids)} responses")
+    h = hashlib.sha256()
+    for key, prompt, ids in zip(keys, prompts, response_ids):
+        h.update(json.dumps([key, prompt, [int(t) for t in ids]]).encode("utf-8") + b"\n")
+    items = list(range(len(keys)))
+    state: dict = {"model": None, "bar": None}
+
+    def on_start(resumed, todo):
+        if todo:
+            state["model"] = load()
+            if progress:
+                from tqdm.auto import tqdm
+
+                n = sum(len(items[i * shard_size:(i + 1) * shard_size]) for i in todo)
+                state["bar"] = tqdm(total=n, desc=desc, unit="seq", dynamic_ncols=True)
+
+    def process(chunk):
+        model, tok = state["model"]
+        lps = score_responses(model, tok, [prompts[i] for i in chunk], [response_ids[i] for i in chunk],
+                              batch_size=batch_size)
+        if state["bar"] is not None:
+            state["bar"].update(len(chunk))
+        return [{"key": keys[i], "logprobs": lp} for i, lp in zip(chunk, lps)]
+
+    def validate(chunk, records):
+        if [r.get("key") for r in records] != [keys[i] for i in chunk]:
+            raise ValueError(f"expected the scores of {len(chunk)} pairs in order, got {len(records)} records")
+        for i, r in zip(chunk, records):
+            lp = r.get("logprobs")
+            if (not isinstance(lp, list) or len(lp) != len(response_ids[i])
+                    or not all(isinstance(x, float) and math.isfinite(x) and x <= 0 for x in lp)):
+                raise ValueError(f"pair {keys[i]!r}: logprobs must be {len(response_ids[i])} finite floats <= 0")
+
+    try:
+        run = run_sharded(items, out_dir, shard_size, {**inputs, "pairs_sha256": h.hexdigest()}, process,
+                          validate=validate, on_start=on_start)
+    finally:
+        if state["bar"] is not None:
+            state["bar"].close()
+    return [rec["logprobs"] for path in run.paths for rec in read_jsonl(path)]

@@ -755,6 +755,11 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
     lengths = [len(e.input_ids) for e in examples]
     stopped_early = False
     t_segment = time.perf_counter()
+    # A bar on an interactive terminal (rank 0); elsewhere (dvc's captured log, CI) one line per step.
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True,
+               disable=None if rank == 0 else True)
     for step in range(state["step"], total_steps):
         if max_steps is not None and step >= max_steps:
             stopped_early = True
@@ -819,11 +824,15 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
                         live.log_metric(f"weights/{tier}/{key}", v[key])
             live.next_step()
         if rank == 0:
-            log.info("step %d/%d loss %.4f nll %.4f lr %.3g grad_norm %.3f (%.2fs)", step + 1, total_steps, loss, nll,
-                     lr, grad_norm, dt)
+            log.log(logging.DEBUG if not bar.disable else logging.INFO,
+                    "step %d/%d loss %.4f nll %.4f lr %.3g grad_norm %.3f (%.2fs)", step + 1, total_steps, loss, nll,
+                    lr, grad_norm, dt)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}", refresh=False)
+            bar.update(1)
         if (step + 1) % cfg["save_every"] == 0 or step + 1 == total_steps:
             save(step + 1)
 
+    bar.close()
     if stopped_early:
         if rank == 0:
             log.warning("stopped at max_steps=%d (step %d/%d) without saving a model", max_steps, state["step"],

@@ -90,6 +90,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait as _mp_wait
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -606,11 +607,13 @@ class _Pool:
             w.stop()
         self.workers = []
 
-    def run(self, items: list[tuple[int, str, str]]) -> dict[int, str]:
-        """Reasons for ``(idx, extracted, reference)`` items; every item gets one."""
+    def run(self, items: list[tuple[int, str, str]], on_done: Any = None) -> dict[int, str]:
+        """Reasons for ``(idx, extracted, reference)`` items; every item gets one. ``on_done(n)``
+        hears of every ``n`` items decided (for a progress bar)."""
         out: dict[int, str] = {}
         if not items:
             return out
+        reported = 0
         queue: deque[list] = deque(_chunks(items))
         while len(self.workers) < min(self.n, len(queue)):
             self.workers.append(self._spawn())
@@ -648,6 +651,9 @@ class _Pool:
                     self._replace(w, queue, out, "did not start")
                 elif w.ready and not w.proc.is_alive() and w.pending:
                     self._replace(w, queue, out, "died")
+            if on_done is not None and len(out) > reported:
+                on_done(len(out) - reported)
+                reported = len(out)
         return out
 
     def _replace(self, w: _Worker, queue: deque, out: dict, why: str) -> None:
@@ -728,12 +734,13 @@ def _close_helper() -> None:
 
 
 def verify_batch(pairs: Sequence[tuple[str, str]], workers: int = 2, timeout_s: float = 5.0,
-                 mode: str = "boxed") -> list[Verdict]:
+                 mode: str = "boxed", progress: bool = False) -> list[Verdict]:
     """Verdicts for ``(response, reference)`` pairs, in order; ``mode`` as in :func:`verify_answer`.
 
     ``workers > 1``: a pool of that many processes (references parsed once per worker, items of one
     reference sent together); a worker past ``timeout_s + grace`` or dead is killed and replaced and its
     in-flight item gets ``timeout``. ``workers <= 1``: in this process, one :func:`verify_answer` per pair.
+    ``progress``: a tqdm bar over the answers that need math-verify (the rest are decided at once).
     """
     extracted = [extract_answer(resp or "", mode) for resp, _ in pairs]
     verdicts: list[Verdict | None] = [_quick_mode(e, ref, mode) for e, (_, ref) in zip(extracted, pairs)]
@@ -745,16 +752,27 @@ def verify_batch(pairs: Sequence[tuple[str, str]], workers: int = 2, timeout_s: 
     todo = [(i, e, ref) for (e, ref), i in unique.items()]
     reasons: dict[int, str] = {}
     if todo:
-        if workers <= 1 or mp.current_process().daemon:
-            for i, e, ref in todo:
-                reasons[i] = (_verify_extracted_main_thread(e, ref, timeout_s) if _on_main_thread()
-                              else _thread_helper_run(e, ref, timeout_s))
-        else:
-            pool = _Pool(min(int(workers), len(todo)), timeout_s)
-            try:
-                reasons = pool.run(todo)
-            finally:
-                pool.close()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="verify", unit="answer", dynamic_ncols=True)
+        try:
+            if workers <= 1 or mp.current_process().daemon:
+                for i, e, ref in todo:
+                    reasons[i] = (_verify_extracted_main_thread(e, ref, timeout_s) if _on_main_thread()
+                                  else _thread_helper_run(e, ref, timeout_s))
+                    if bar is not None:
+                        bar.update(1)
+            else:
+                pool = _Pool(min(int(workers), len(todo)), timeout_s)
+                try:
+                    reasons = pool.run(todo, on_done=bar.update if bar is not None else None)
+                finally:
+                    pool.close()
+        finally:
+            if bar is not None:
+                bar.close()
     for i, v in enumerate(verdicts):
         if v is None:
             reason = reasons[unique[(extracted[i], pairs[i][1])]]
