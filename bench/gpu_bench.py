@@ -3,7 +3,7 @@ and training tokens/s of ``drsft.train.train`` (DeepSpeed ZeRO-2/3, bf16) on one
 
 Weights are random (nothing is downloaded): a model with the architecture and sizes of the named
 shape (e.g. Qwen2.5-1.5B: 28 layers, hidden 1536, GQA 12/2 heads, MLP 8960, vocabulary 151,936)
-is built in bf16 and saved with a small BPE tokenizer (drsft.tinylm). Throughput does not depend
+is built in bf16 and saved with a small BPE tokenizer (drsft.toy.tinylm). Throughput does not depend
 on the values of the weights, only on shapes and sequence lengths, which are fixed here: every
 training row has ``--seq-len`` tokens, and a generated sequence runs to ``--max-new-tokens``
 unless the random model samples EOS (about 1 in 150k per step; tokens are counted as generated).
@@ -70,7 +70,7 @@ def build(shape: str, folder: Path, seed: int = 0) -> tuple[Path, int]:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from drsft.tinylm import build_tokenizer
+    from drsft.toy.tinylm import build_tokenizer
 
     rng = random.Random(seed)
     texts = [f"{_problem(rng)} The answer is \\boxed{{7}}." for _ in range(300)] + [PROMPT_CFG["instruction"]]

@@ -1,7 +1,7 @@
 """Padding-free training: the same rows trained padded and packed (``train.packing``), one run each.
 
 Rows: real problems and their reference solutions from ``../shared`` (GSM8K train and MATH500),
-tokenized with a small byte-level BPE trained here on those texts (drsft.tinylm.build_tokenizer,
+tokenized with a small byte-level BPE trained here on those texts (drsft.toy.tinylm.build_tokenizer,
 vocabulary ``--vocab``), so row lengths follow real solutions in tokens of a small vocabulary (a
 real model's tokenizer gives shorter rows for the same text; the spread, which is what padding
 costs, is the solutions' own). Rows longer than ``--max-length`` are truncated by the trainer, as in
@@ -75,7 +75,7 @@ def build_inputs(work: Path, n_rows: int, vocab: int, hidden: int, layers: int, 
     from drsft.params import load_params, section
     from drsft.prompts import encode_prompt, encode_response, render_prompt
     from drsft.rewrite import training_row
-    from drsft.tinylm import build_model, build_tokenizer
+    from drsft.toy.tinylm import build_model, build_tokenizer
 
     prompt_cfg = section(load_params(ROOT / "params.yaml"), "prompt")
     pairs = real_pairs(n_rows, seed)

@@ -26,7 +26,7 @@ PROMPT_CFG = {"system": "You are a careful math tutor.",
 
 
 def _toy_model(folder: Path) -> Path:
-    from drsft.tinylm import build_model, build_tokenizer
+    from drsft.toy.tinylm import build_model, build_tokenizer
 
     texts = [f"Compute ${a} + {b}$. We add: {a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."
              for a in range(20) for b in range(20)] + list(PROMPT_CFG.values())

@@ -184,7 +184,7 @@ def train_load(work: str, max_length: int, budget: int) -> None:
     """The trainer's data side on the rewritten set: rows, global batches, packed token-budget micro-batches."""
     from drsft.io import write_json
     from drsft.params import load_params, section
-    from drsft.tinylm import build_tokenizer
+    from drsft.toy.tinylm import build_tokenizer
     from drsft.train import batch_plan, batching_summary, load_examples
 
     w = Path(work)

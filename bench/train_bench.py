@@ -35,7 +35,7 @@ to see it. ``--zero-stage`` overrides ``train.zero_stage`` (on one CPU process Z
 per-micro-batch gradient bucketing is pure overhead: stage 0/1 show the trainer without it).
 
 Uses ``models/base`` and ``data/train/rewritten.jsonl`` (after ``dvc repro``); without them a
-random tiny Llama (drsft.tinylm) and synthetic rows are built, and the output says so.
+random tiny Llama (drsft.toy.tinylm) and synthetic rows are built, and the output says so.
 
     python bench/train_bench.py [--rows 256] [--reps 3] [--threads 2] [--out bench.json]
 """
@@ -86,7 +86,7 @@ def synthetic_world(work: Path, prompt_cfg: dict, n_rows: int, seed: int = 0) ->
     """A random tiny Llama and rows shaped like data/train/rewritten.jsonl (no dvc repro needed)."""
     from drsft.prompts import encode_response, render_prompt
     from drsft.rewrite import training_row
-    from drsft.tinylm import build_model, build_tokenizer
+    from drsft.toy.tinylm import build_model, build_tokenizer
 
     rng = random.Random(seed)
     texts = []

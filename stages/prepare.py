@@ -4,15 +4,15 @@ Reads params ``prepare`` (all but ``prepare.probe``), ``model`` and ``prompt``. 
 ``data/prepare/train.jsonl``, ``data/prepare/benchmarks/<name>.jsonl`` (problem records per
 docs/records.md), ``models/base/`` and ``metrics/prepare.json``.
 
-* ``prepare.source: toy`` -- the embedded synthetic world (drsft.world): ``prepare.toy`` sizes and
+* ``prepare.source: toy`` -- the embedded synthetic world (drsft.toy.world): ``prepare.toy`` sizes and
   style rates. ``files`` -- training problems from a local jsonl/parquet through the field mapping
   in ``prepare.files.train`` and benchmarks from ``prepare.files.benchmarks`` (a list of
   ``{name, path}``), both through drsft.data; every local file lies in ``prepare.files.root``
   (a dvc.yaml dep) and ``metrics/prepare.json`` ``inputs`` records each one's sha256 (a hub
   dataset: its pinned and resolved revision).
 * ``model.base: toy`` -- pretrain the embedded tiny Llama on the toy corpus into ``models/base``
-  (``prepare.pretrain``; needs ``prepare.source: toy``): chat examples (drsft.world.pretraining_examples)
-  plus ``prepare.toy.n_drills`` arithmetic-table drills (drsft.world.fact_drills) on a
+  (``prepare.pretrain``; needs ``prepare.source: toy``): chat examples (drsft.toy.world.pretraining_examples)
+  plus ``prepare.toy.n_drills`` arithmetic-table drills (drsft.toy.world.fact_drills) on a
   ``prepare.pretrain.drill_frac`` share of the steps. Any other value (hub id or local path) --
   write ``models/base/reference.json`` = ``{"model": ...}`` (referenced, not copied).
 * The world's properties are measured by the next stage, ``probe`` (stages/probe.py).
@@ -33,7 +33,7 @@ from drsft.stage import clear_errors, log, preflight, prepare_bytes
 
 
 def toy_problems(prep: dict):
-    from drsft.world import make_world
+    from drsft.toy.world import make_world
 
     toy = prep["toy"]
     try:
@@ -75,7 +75,7 @@ def _fresh_dir(path: Path) -> None:
 
 def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/prepare", model_dir="models/base",
                 metrics_path="metrics/prepare.json", log=print) -> dict:
-    from drsft.world import expert_solution, fact_drills, pretraining_examples
+    from drsft.toy.world import expert_solution, fact_drills, pretraining_examples
 
     t0 = time.time()
     data_dir, model_dir = Path(data_dir), Path(model_dir)
@@ -107,9 +107,9 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
 
     _fresh_dir(model_dir)
     if base == "toy":
-        from drsft.tinylm import pretrain
+        from drsft.toy.tinylm import pretrain
 
-        pcfg = prep["pretrain"]  # exactly drsft.tinylm.pretrain's keyword arguments (drsft.schema)
+        pcfg = prep["pretrain"]  # exactly drsft.toy.tinylm.pretrain's keyword arguments (drsft.schema)
         try:
             examples = pretraining_examples(world.corpus, seed=int(prep["seed"]), mistake_rate=float(toy["mistake_rate"]),
                                             guided_frac=float(toy["guided_frac"]),

@@ -1,7 +1,7 @@
 """probe: the world's properties, measured on the base model before any fine-tuning.
 
 Reads ``data/prepare/train.jsonl`` and ``models/base``; params ``prepare.probe``, ``prompt``,
-``model`` and ``verify.mode``. Writes ``metrics/probe.json``: ``world`` (drsft.probe: solve rates,
+``model`` and ``verify.mode``. Writes ``metrics/probe.json``: ``world`` (drsft.toy.probe: solve rates,
 unsolved share, guided solve rates, expert vs own NLL, headroom families, and ``checks``, one flag
 per property). ``prepare.probe.enabled: auto`` probes the embedded toy model only (a hub model on
 CPU would be far too slow); ``true``/``false`` force it. A failed check is a warning, not an error:
@@ -36,7 +36,7 @@ def main(params_path, problems, model_dir, metrics):
                                                   f"model.base={base!r})"}})
         log.info("probe: skipped (prepare.probe.enabled=%s, model.base=%r)", enabled, base)
         return
-    from drsft.probe import probe_world
+    from drsft.toy.probe import probe_world
 
     cfg = {k: v for k, v in pr.items() if k not in ("enabled", "verify_workers", "verify_timeout_s")}
     world = probe_world(model_dir, read_jsonl(problems), section(params, "prompt"), cfg,

@@ -24,7 +24,7 @@ def prompt_cfg():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised tiny Llama + BPE tokenizer saved in HF format (seconds to build)."""
-    from drsft.tinylm import build_model, build_tokenizer
+    from drsft.toy.tinylm import build_model, build_tokenizer
 
     texts = [
         f"Compute ${a} + {b}$. We add: {a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."

@@ -22,9 +22,10 @@ def _drsft_imports(path: Path) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "drsft":
             mods.add(node.module)
-            for alias in node.names:  # `from drsft import rewrite`
-                if (SRC / "drsft" / f"{alias.name}.py").exists() and node.module == "drsft":
-                    mods.add(f"drsft.{alias.name}")
+            for alias in node.names:  # `from drsft import rewrite`, `from drsft.toy import world`
+                folder = SRC.joinpath(*node.module.split("."))
+                if (folder / f"{alias.name}.py").exists() or (folder / alias.name / "__init__.py").exists():
+                    mods.add(f"{node.module}.{alias.name}")
         elif isinstance(node, ast.Import):
             mods.update(a.name for a in node.names if a.name.split(".")[0] == "drsft")
     return mods
@@ -40,7 +41,10 @@ def transitive_code(script: Path) -> set[str]:
     todo, seen = [script], set()
     while todo:
         f = todo.pop()
-        for mod in _drsft_imports(f):
+        mods = _drsft_imports(f)
+        # importing drsft.a.b runs the package drsft.a's __init__ first
+        mods |= {".".join(m.split(".")[:k]) for m in mods for k in range(2, m.count(".") + 1)}
+        for mod in mods:
             mf = _module_file(mod)
             rel = mf.relative_to(ROOT).as_posix()
             if rel not in seen:
@@ -117,5 +121,5 @@ def test_prepare_params_are_every_prepare_key_but_the_probe():
 
 def test_editing_sampler_or_verifier_code_does_not_rerun_pretraining():
     deps = _dep_paths(_stages()["prepare"])
-    assert not deps & {"src/drsft/rollout.py", "src/drsft/probe.py", "src/drsft/scoring.py",
+    assert not deps & {"src/drsft/rollout.py", "src/drsft/toy/probe.py", "src/drsft/scoring.py",
                        "src/drsft/evaluate.py"}, deps

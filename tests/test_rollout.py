@@ -9,7 +9,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from drsft import rollout
+from drsft.rollout import hf as rollout_hf
 from drsft.io import read_json, read_jsonl, write_jsonl
 from drsft.models import load_model, load_tokenizer
 from drsft.prompts import render_prompt
@@ -114,7 +114,7 @@ def test_finish_reasons_and_eos_handling(eos_backend, prompts):
 def test_preallocated_cache_matches_default_cache(eos_backend, prompts, monkeypatch):
     sp = SamplingParams(n=2, temperature=0.8, max_new_tokens=12, seed=4, batch_size=5)
     fast = eos_backend.generate(prompts, sp)
-    monkeypatch.setattr(rollout, "_prealloc_cache", lambda model, capacity: None)
+    monkeypatch.setattr(rollout_hf, "_prealloc_cache", lambda model, capacity: None)
     slow = eos_backend.generate(prompts, sp)
     assert ids_of(fast) == ids_of(slow)
     for a, b in zip(fast, slow):
@@ -319,9 +319,9 @@ def test_policy_identity_drops_only_engine_layout():
 def test_decode_attention_kernels_exclude_cudnn_on_cuda_only():
     """cuDNN SDPA rebuilt its plan at every KV length: 60 % of a decode step on an H200. The hf
     backend decodes with every SDPA backend but cuDNN on CUDA, and leaves the CPU as it is."""
-    assert isinstance(rollout._attention_kernels(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(rollout_hf._attention_kernels(torch.device("cpu")), contextlib.nullcontext)
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    with rollout._attention_kernels(torch.device("cuda")):
+    with rollout_hf._attention_kernels(torch.device("cuda")):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.mem_efficient_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled()
@@ -340,7 +340,7 @@ TURN_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
 def turn_model_dir(tmp_path_factory):
     """A tiny tokenizer whose chat template closes every turn with <|end|> (not its EOS <|eos|>),
     and a tiny model saved with it."""
-    from drsft.tinylm import build_model, build_tokenizer
+    from drsft.toy.tinylm import build_model, build_tokenizer
 
     tok = build_tokenizer([f"Compute ${a} + {b}$. The answer is {a + b}." for a in range(10) for b in range(10)],
                           vocab_size=300)

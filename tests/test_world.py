@@ -1,4 +1,4 @@
-"""The embedded toy world (drsft.world), the tiny model's pretraining and the prepare stage."""
+"""The embedded toy world (drsft.toy.world), the tiny model's pretraining and the prepare stage."""
 
 import hashlib
 import json
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drsft import world as W
-from drsft.world import FAMILIES, expert_solution, make_world, math_key, model_solution, pretraining_examples
+from drsft.toy import world as W
+from drsft.toy.world import FAMILIES, expert_solution, make_world, math_key, model_solution, pretraining_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
@@ -222,7 +222,7 @@ def test_pretrain_saves_a_loadable_deterministic_model(tmp_path, prompt_cfg):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from drsft.prompts import render_prompt
-    from drsft.tinylm import pretrain
+    from drsft.toy.tinylm import pretrain
 
     w = make_world(seed=0, n_train=0, n_bench=0, n_corpus=40)
     ex = pretraining_examples(w.corpus, seed=0, guided_frac=0.5)
@@ -266,7 +266,7 @@ def _summary(**over):
     ({"families": {"b": {"solve_rate": 0.0, "guided_solve_rate": 0.15}}}, {"headroom"}),  # the hint does not help
 ])
 def test_world_checks_flag_each_property_at_its_threshold(over, failing):
-    from drsft.probe import world_checks
+    from drsft.toy.probe import world_checks
 
     checks = world_checks(_summary(**over), PROBE)
     assert {k for k, ok in checks.items() if not ok} == failing
@@ -275,7 +275,7 @@ def test_world_checks_flag_each_property_at_its_threshold(over, failing):
 def test_committed_world_summary_passes_its_checks_under_params():
     """metrics/probe.json (what `make repro` measured on the committed world) re-checked against
     params.yaml's thresholds: every property holds, and the recorded flags are what they imply."""
-    from drsft.probe import headroom_families, world_checks
+    from drsft.toy.probe import headroom_families, world_checks
 
     w = json.loads((ROOT / "metrics" / "probe.json").read_text())["world"]
     probe = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]["probe"]

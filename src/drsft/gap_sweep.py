@@ -1,7 +1,7 @@
 """Beyond the paper: how the benefit of rewriting changes with the policy gap.
 
 The embedded world's gap knob is ``prepare.toy.textbook_frac``, the share of the base model's plain
-pretraining examples answered in the expert's textbook style (drsft.world.pretraining_examples). It
+pretraining examples answered in the expert's textbook style (drsft.toy.world.pretraining_examples). It
 changes the base model as well as the gap: each setting is its own world.
 For each setting this runs the ablation (:mod:`drsft.experiments`: the four arms x ``--seeds`` training
 seeds as queued ``dvc exp run``s; the first experiment of a setting pretrains its base model, the

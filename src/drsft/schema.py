@@ -75,7 +75,7 @@ AutoBool = Annotated[Any, BeforeValidator(_auto_or_bool)]
 Backend = Literal["hf", "vllm"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Rule = Literal["random", "shortest", "highest_logprob"]          # drsft.rewrite.SELECTION_RULES
-Family = Literal["arith", "linear", "fraction", "decimal", "precedence"]  # drsft.world.FAMILIES
+Family = Literal["arith", "linear", "fraction", "decimal", "precedence"]  # drsft.toy.world.FAMILIES
 Loss = Literal["sft", "dft", "is", "is_dft"]                     # drsft.losses.LOSS_KINDS
 IsLevel = Literal["token", "sequence"]                           # drsft.losses.IS_LEVELS
 TrainData = Literal["rewritten", "expert"]                       # drsft.train.DATA_KINDS
@@ -149,7 +149,7 @@ class ToySection(_Section):
 
 
 class PretrainSection(_Section):
-    """drsft.tinylm.pretrain keyword arguments (the embedded tiny Llama)."""
+    """drsft.toy.tinylm.pretrain keyword arguments (the embedded tiny Llama)."""
 
     vocab_size: PosInt
     hidden_size: PosInt
@@ -178,7 +178,7 @@ class PretrainSection(_Section):
 
 
 class ProbeSection(_Section):
-    """drsft.probe.probe_world config plus the verifier settings the stage passes it."""
+    """drsft.toy.probe.probe_world config plus the verifier settings the stage passes it."""
 
     enabled: AutoBool                  # auto: only for model.base toy
     n_problems: PosInt

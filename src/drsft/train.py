@@ -606,56 +606,9 @@ def _save_final_model(engine, model, tokenizer, out_dir: Path, zero_stage: int, 
     dist.barrier()
 
 
-def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str | os.PathLike,
-          out_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, metrics_path: str | os.PathLike | None,
-          live_dir: str | os.PathLike | None = None, trust_remote_code: bool = False,
-          max_steps: int | None = None) -> dict | None:
-    """Train and save the model; returns the metrics dict (on every rank), or ``None`` when
-    ``max_steps`` stopped the run early (a debugging aid that simulates a kill: no final
-    checkpoint, no model, no metrics; the next call resumes from the last periodic checkpoint)."""
-    cfg = validate_config(cfg)
-    on_gpu = setup_environment()
-
-    import deepspeed
-    import torch
-    from deepspeed.accelerator import get_accelerator
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from drsft.losses import weighted_nll
-    from drsft.models import load_tokenizer, resolve_model
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    # Fail on a batch size that does not divide before starting any process group.
-    deepspeed_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu)
-    if on_gpu:
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist = _init_distributed(on_gpu)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(get_accelerator().current_device_name())
-    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
-    ds_cfg = deepspeed_config(cfg, world, on_gpu)
-    gas = ds_cfg["gradient_accumulation_steps"]
-
-    resolved = resolve_model(model_dir)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    pad_id = tokenizer.pad_token_id
-    # Vocabulary size from the config (cheap, before loading weights) for validating token ids.
-    conf = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-    conf = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
-    vocab = getattr(conf, "vocab_size", None) or len(tokenizer)
-    examples, dstats = load_examples(data_path, tokenizer, cfg["max_length"], vocab)
-    if cfg["loss"] in ("is", "is_dft") and dstats.known_behaviour == 0 and rank == 0:
-        log.warning("loss %s but no row has behaviour_logprobs: every row uses the DFT fallback weight", cfg["loss"])
-    if rank == 0:
-        log.info("%s: %d rows, %d used, %d truncated to max_length=%d, %d dropped, %d with behaviour log-probs",
-                 data_path, dstats.rows, len(examples), dstats.truncated, cfg["max_length"], dstats.dropped,
-                 dstats.known_behaviour)
-    plan = batch_plan(len(examples), cfg["global_batch_size"], cfg["epochs"], cfg["seed"])
-    total_steps = len(plan)
-    warmup = warmup_steps_for(total_steps, cfg["warmup_ratio"])
-
-    # Checkpoint fingerprint: discard checkpoints of other params / data / model / world size.
-    fp = run_fingerprint(cfg, data_path, model_dir, resolved, world)
+def _checkpoint_dir(ckpt_dir: Path, fp: dict, rank: int, dist) -> None:
+    """Keep only checkpoints of this run: others (params, data, base model or world size changed)
+    are discarded, and a tag folder that `latest` does not name (a kill while saving) is removed."""
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         fp_file = ckpt_dir / FINGERPRINT_FILE
@@ -671,7 +624,6 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
                             "changed): discarding them", ckpt_dir)
             _clear_checkpoints(ckpt_dir)
             write_json(fp_file, fp)
-        # A kill while saving leaves a tag folder that `latest` does not name: half-written, drop it.
         keep = _latest_tag(ckpt_dir)
         for partial in _tags(ckpt_dir):
             if partial.name != keep:
@@ -679,9 +631,18 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
                 shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
 
-    # Model, optimizer, schedule, engine.
+
+def _build_engine(cfg: Mapping[str, Any], ds_cfg: dict, resolved: str, on_gpu: bool, total_steps: int,
+                  trust_remote_code: bool):
+    """The model (ZeRO-3: partitioned while loading), AdamW and the warm-up/cosine schedule, wrapped
+    by DeepSpeed."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
+    warmup = warmup_steps_for(total_steps, cfg["warmup_ratio"])
     dtype = torch.bfloat16 if on_gpu else torch.float32
     hf_ds = None
     if cfg["zero_stage"] == 3:
@@ -702,8 +663,11 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
                                            config=ds_cfg)
     del hf_ds
+    return engine
 
-    # Resume.
+
+def _resume(engine, ckpt_dir: Path, fp: dict, total_steps: int, rank: int) -> dict[str, Any]:
+    """The loop's state: fresh, or restored (with the engine's) from the latest checkpoint."""
     state: dict[str, Any] = {"step": 0, "history": [], "nll_history": [], "train_time_s": 0.0, "input_tokens": 0,
                              "totals": {}, "resumed_from": []}
     tag = _latest_tag(ckpt_dir)
@@ -716,123 +680,223 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
         state["resumed_from"] = state["resumed_from"] + [state["step"]]
         if rank == 0:
             log.info("resumed from %s at optimizer step %d/%d", load_path, state["step"], total_steps)
+    return state
 
-    live = None
-    if rank == 0 and live_dir is not None:
-        from dvclive import Live
-        live_dir = Path(live_dir)
-        resuming = state["step"] > 0
-        if resuming:
-            _trim_live_history(live_dir, state["step"])
-        live = Live(dir=str(live_dir), resume=resuming, save_dvc_exp=False, dvcyaml=None, report=None)
-        live.step = state["step"]
-        live.log_params({"train": {k: v for k, v in cfg.items()}, "world_size": world,
-                         "gradient_accumulation_steps": gas})
 
-    def save(step: int) -> None:
-        tag = f"{TAG_PREFIX}{step:06d}"
-        # DeepSpeed's own `latest` is rewritten in place (a kill mid-write leaves it empty): we
-        # write it ourselves, atomically, once every rank has finished writing the tag.
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "fingerprint": fp["hash"]},
-                               save_latest=False)
-        dist.barrier()
-        if rank == 0:
-            with atomic_path(ckpt_dir / "latest") as fh:
-                fh.write(tag)
-            for old in _tags(ckpt_dir):
-                if old.name != tag:
-                    shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+def _open_live(live_dir, state: dict, cfg: Mapping[str, Any], world: int, gas: int):
+    """The dvclive history (rank 0), its steps after the resumed one trimmed."""
+    from dvclive import Live
 
+    live_dir = Path(live_dir)
+    resuming = state["step"] > 0
+    if resuming:
+        _trim_live_history(live_dir, state["step"])
+    live = Live(dir=str(live_dir), resume=resuming, save_dvc_exp=False, dvcyaml=None, report=None)
+    live.step = state["step"]
+    live.log_params({"train": {k: v for k, v in cfg.items()}, "world_size": world, "gradient_accumulation_steps": gas})
+    return live
+
+
+def _save_checkpoint(engine, ckpt_dir: Path, state: dict, fp: dict, step: int, rank: int, dist) -> None:
+    """A checkpoint of the engine and the loop's state; only the newest is kept."""
+    tag = f"{TAG_PREFIX}{step:06d}"
+    # DeepSpeed's own `latest` is rewritten in place (a kill mid-write leaves it empty): we write it
+    # ourselves, atomically, once every rank has finished writing the tag.
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "fingerprint": fp["hash"]},
+                           save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        with atomic_path(ckpt_dir / "latest") as fh:
+            fh.write(tag)
+        for old in _tags(ckpt_dir):
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+@dataclass
+class _Run:
+    """What every optimizer step needs: the engine, the data, the plan and the process layout."""
+
+    engine: Any
+    cfg: Mapping[str, Any]
+    ds_cfg: dict
+    examples: list[Example]
+    plan: list[list[int]]
+    lengths: list[int]
+    tokens_global: list[int]
+    gas: int
+    world: int
+    rank: int
+    device: Any
+    pad_id: int
+    dist: Any
+
+
+def _train_step(run: _Run, step: int) -> dict[str, Any]:
+    """One optimizer step over global batch ``plan[step]``: this rank's micro-batches (rows, or a
+    token budget with our own accumulation boundary), forward, weighted loss, backward, step.
+    Returns the step's loss, NLL, learning rate, gradient norm, per-tier sums and input tokens
+    (summed over ranks)."""
+    import torch
+
+    from drsft.losses import weighted_nll
+
+    cfg, engine, device = run.cfg, run.engine, run.device
+    torch.manual_seed(cfg["seed"] * 1_000_003 + step)   # dropout etc.: identical after a resume
     make_batch = collate_packed if cfg["packing"] else collate
+    by_tokens = cfg["batching"] == "tokens"
+    gidx = run.plan[step]
+    slots = step_slots(gidx, run.lengths, cfg, run.gas, run.world)[run.rank]
+    # batching: tokens -- the boundary is ours (a varying number of micro-batches), the loss is not scaled by gas
+    normaliser = run.tokens_global[step] / (run.world if by_tokens else run.gas * run.world)
+    lr = engine.get_lr()[0]
+    stats = _StepStats(torch, device)
+    input_tokens = 0
+    grad_norm = None
+    for m, slot in enumerate(slots):
+        if by_tokens:
+            engine.set_gradient_accumulation_boundary(m == len(slots) - 1)
+        batch = make_batch([run.examples[i] for i in slot], run.pad_id) if slot else \
+            make_batch([run.examples[gidx[0]]], run.pad_id, dummy=True)
+        input_tokens += batch["input_tokens"]
+        logp = forward_logprobs(engine, batch, device, cfg["packing"])
+        out = weighted_nll(logp, batch["mask"].to(device), cfg["loss"], batch["behaviour"].to(device),
+                           batch["known"].to(device), is_clip=cfg["is_clip"], is_level=cfg["is_level"],
+                           normaliser=normaliser)
+        engine.backward(out.loss, scale_wrt_gas=not by_tokens)
+        if cfg["zero_stage"] == 0 and not run.ds_cfg["bf16"]["enabled"] and m == len(slots) - 1:
+            # ZeRO-0 in fp32 does not record the norm: the gradients are reduced at the
+            # boundary backward, so take it here (before clipping, like ZeRO-1..3's).
+            grads = [p.grad.detach().double().norm() for p in engine.module.parameters() if p.grad is not None]
+            grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+        if not by_tokens or m == len(slots) - 1:
+            engine.step()
+        if slot:
+            stats.add(batch, out, logp)
+        del logp, out
+    if grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    stats.reduce(run.dist)
+    tok = torch.tensor([float(input_tokens)], dtype=torch.float64, device=device)
+    if run.world > 1:
+        run.dist.all_reduce(tok)
+    step_stats = stats.as_dict()
+    n_tok = sum(v["tokens"] for v in step_stats.values())
+    return {"loss": sum(v["wnll_sum"] for v in step_stats.values()) / n_tok,
+            "nll": sum(v["nll_sum"] for v in step_stats.values()) / n_tok,
+            "lr": lr, "grad_norm": grad_norm, "stats": step_stats, "input_tokens": int(tok.item())}
+
+
+def _log_step(live, out: dict) -> None:
+    """One step of the dvclive history: losses, lr, gradient norm, per-tier weight statistics."""
+    for key in ("loss", "nll", "lr", "grad_norm"):
+        live.log_metric(f"train/{key}", out[key])
+    for tier, v in weight_summary(out["stats"]).items():
+        for key in ("weight_mean", "weight_max", "clip_frac"):
+            if v[key] is not None:
+                live.log_metric(f"weights/{tier}/{key}", v[key])
+    live.next_step()
+
+
+def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str | os.PathLike,
+          out_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, metrics_path: str | os.PathLike | None,
+          live_dir: str | os.PathLike | None = None, trust_remote_code: bool = False,
+          max_steps: int | None = None) -> dict | None:
+    """Train and save the model; returns the metrics dict (on every rank), or ``None`` when
+    ``max_steps`` stopped the run early (a debugging aid that simulates a kill: no final
+    checkpoint, no model, no metrics; the next call resumes from the last periodic checkpoint).
+
+    In order: the process group and DeepSpeed config; the data and the batch plan; the checkpoint
+    folder (this run's only); the engine (:func:`_build_engine`); the resumed state
+    (:func:`_resume`); then the steps (:func:`_train_step`), logged to dvclive and checkpointed
+    every ``save_every``; the final model, gathered from the ZeRO partitions; the metrics."""
+    cfg = validate_config(cfg)
+    on_gpu = setup_environment()
+
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from transformers import AutoConfig
+
+    from drsft.models import load_tokenizer, resolve_model
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # Fail on a batch size that does not divide before starting any process group.
+    deepspeed_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu)
+    if on_gpu:
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist = _init_distributed(on_gpu)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(get_accelerator().current_device_name())
+    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
+    ds_cfg = deepspeed_config(cfg, world, on_gpu)
+    gas = ds_cfg["gradient_accumulation_steps"]
+
+    # Data: examples checked and tokenized, token ids validated against the vocabulary (read from
+    # the config, before any weights are loaded).
+    resolved = resolve_model(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    conf = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    conf = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    vocab = getattr(conf, "vocab_size", None) or len(tokenizer)
+    examples, dstats = load_examples(data_path, tokenizer, cfg["max_length"], vocab)
+    if cfg["loss"] in ("is", "is_dft") and dstats.known_behaviour == 0 and rank == 0:
+        log.warning("loss %s but no row has behaviour_logprobs: every row uses the DFT fallback weight", cfg["loss"])
+    if rank == 0:
+        log.info("%s: %d rows, %d used, %d truncated to max_length=%d, %d dropped, %d with behaviour log-probs",
+                 data_path, dstats.rows, len(examples), dstats.truncated, cfg["max_length"], dstats.dropped,
+                 dstats.known_behaviour)
+    plan = batch_plan(len(examples), cfg["global_batch_size"], cfg["epochs"], cfg["seed"])
+    total_steps = len(plan)
+
+    fp = run_fingerprint(cfg, data_path, model_dir, resolved, world)
+    _checkpoint_dir(ckpt_dir, fp, rank, dist)
+    engine = _build_engine(cfg, ds_cfg, resolved, on_gpu, total_steps, trust_remote_code)
+    state = _resume(engine, ckpt_dir, fp, total_steps, rank)
+    live = _open_live(live_dir, state, cfg, world, gas) if rank == 0 and live_dir is not None else None
+
     if cfg["packing"]:
         # bf16 rounding moves log-probs by up to ~0.1; a row that sees another moves them by nats
-        diff = check_packing(engine.module, examples, pad_id, device, tol=0.5 if on_gpu else 1e-3)
+        diff = check_packing(engine.module, examples, tokenizer.pad_token_id, device, tol=0.5 if on_gpu else 1e-3)
         if rank == 0:
             log.info("packing: packed rows match rows alone (max log-prob difference %.2g)", diff)
-    tokens_global = [sum(examples[i].n_response for i in gidx) for gidx in plan]
-    by_tokens = cfg["batching"] == "tokens"
     lengths = [len(e.input_ids) for e in examples]
-    stopped_early = False
+    run = _Run(engine=engine, cfg=cfg, ds_cfg=ds_cfg, examples=examples, plan=plan, lengths=lengths,
+               tokens_global=[sum(examples[i].n_response for i in gidx) for gidx in plan], gas=gas, world=world,
+               rank=rank, device=device, pad_id=tokenizer.pad_token_id, dist=dist)
     t_segment = time.perf_counter()
     # A bar on an interactive terminal (rank 0); elsewhere (dvc's captured log, CI) one line per step.
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True,
                disable=None if rank == 0 else True)
+    stopped_early = False
     for step in range(state["step"], total_steps):
         if max_steps is not None and step >= max_steps:
             stopped_early = True
             break
         t0 = time.perf_counter()
-        torch.manual_seed(cfg["seed"] * 1_000_003 + step)   # dropout etc.: identical after a resume
-        gidx = plan[step]
-        slots = step_slots(gidx, lengths, cfg, gas, world)[rank]
-        # batching: tokens -- the boundary is ours (a varying number of micro-batches), the loss is not scaled by gas
-        normaliser = tokens_global[step] / (world if by_tokens else gas * world)
-        lr = engine.get_lr()[0]
-        stats = _StepStats(torch, device)
-        input_tokens = 0
-        grad_norm = None
-        for m, slot in enumerate(slots):
-            if by_tokens:
-                engine.set_gradient_accumulation_boundary(m == len(slots) - 1)
-            batch = make_batch([examples[i] for i in slot], pad_id) if slot else \
-                make_batch([examples[gidx[0]]], pad_id, dummy=True)
-            input_tokens += batch["input_tokens"]
-            logp = forward_logprobs(engine, batch, device, cfg["packing"])
-            out = weighted_nll(logp, batch["mask"].to(device), cfg["loss"], batch["behaviour"].to(device),
-                               batch["known"].to(device), is_clip=cfg["is_clip"], is_level=cfg["is_level"],
-                               normaliser=normaliser)
-            engine.backward(out.loss, scale_wrt_gas=not by_tokens)
-            if cfg["zero_stage"] == 0 and not ds_cfg["bf16"]["enabled"] and m == len(slots) - 1:
-                # ZeRO-0 in fp32 does not record the norm: the gradients are reduced at the
-                # boundary backward, so take it here (before clipping, like ZeRO-1..3's).
-                grads = [p.grad.detach().double().norm() for p in engine.module.parameters() if p.grad is not None]
-                grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
-            if not by_tokens or m == len(slots) - 1:
-                engine.step()
-            if slot:
-                stats.add(batch, out, logp)
-            del logp, out
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        stats.reduce(dist)
-        tok = torch.tensor([float(input_tokens)], dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(tok)
-        step_stats = stats.as_dict()
-        n_tok = sum(v["tokens"] for v in step_stats.values())
-        loss = sum(v["wnll_sum"] for v in step_stats.values()) / n_tok
-        nll = sum(v["nll_sum"] for v in step_stats.values()) / n_tok
+        out = _train_step(run, step)
         dt = time.perf_counter() - t0
         state["step"] = step + 1
-        state["history"].append(loss)
-        state["nll_history"].append(nll)
-        state["input_tokens"] += int(tok.item())
-        _merge_totals(state["totals"], step_stats)
+        state["history"].append(out["loss"])
+        state["nll_history"].append(out["nll"])
+        state["input_tokens"] += out["input_tokens"]
+        _merge_totals(state["totals"], out["stats"])
         state["train_time_s"] += dt
         if live is not None:
-            live.log_metric("train/loss", loss)
-            live.log_metric("train/nll", nll)
-            live.log_metric("train/lr", lr)
-            live.log_metric("train/grad_norm", grad_norm)
-            for tier, v in weight_summary(step_stats).items():
-                for key in ("weight_mean", "weight_max", "clip_frac"):
-                    if v[key] is not None:
-                        live.log_metric(f"weights/{tier}/{key}", v[key])
-            live.next_step()
+            _log_step(live, out)
         if rank == 0:
             log.log(logging.DEBUG if not bar.disable else logging.INFO,
-                    "step %d/%d loss %.4f nll %.4f lr %.3g grad_norm %.3f (%.2fs)", step + 1, total_steps, loss, nll,
-                    lr, grad_norm, dt)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}", refresh=False)
+                    "step %d/%d loss %.4f nll %.4f lr %.3g grad_norm %.3f (%.2fs)", step + 1, total_steps,
+                    out["loss"], out["nll"], out["lr"], out["grad_norm"], dt)
+            bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2g}", refresh=False)
             bar.update(1)
         if (step + 1) % cfg["save_every"] == 0 or step + 1 == total_steps:
-            save(step + 1)
-
+            _save_checkpoint(engine, ckpt_dir, state, fp, step + 1, rank, dist)
     bar.close()
+
     if stopped_early:
         if rank == 0:
             log.warning("stopped at max_steps=%d (step %d/%d) without saving a model", max_steps, state["step"],
@@ -843,31 +907,8 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
         return None
 
     _save_final_model(engine, engine.module, tokenizer, out_dir, cfg["zero_stage"], rank, dist)
-    history = state["history"]
-    metrics = {
-        "steps": total_steps,
-        "epochs": cfg["epochs"],
-        "examples": len(examples) * cfg["epochs"],
-        "rows": dstats.rows,
-        "rows_used": len(examples),
-        "truncated": dstats.truncated,
-        "dropped": dstats.dropped,
-        "response_tokens": int(sum(tokens_global)),
-        "input_tokens": state["input_tokens"],
-        "final_loss": history[-1] if history else None,
-        "mean_loss": sum(history) / len(history) if history else None,
-        "final_nll": state["nll_history"][-1] if state["nll_history"] else None,
-        "mean_nll": sum(state["nll_history"]) / len(state["nll_history"]) if state["nll_history"] else None,
-        "weights": weight_summary(state["totals"]),
-        "loss": cfg["loss"],
-        "zero_stage": cfg["zero_stage"],
-        "world_size": world,
-        "gradient_accumulation_steps": gas,
-        "packing": cfg["packing"],
-        "batching": cfg["batching"],
-        **batching_summary(plan, lengths, cfg, gas, world),
-    }
-    # what this run did and how long it took: beside the metrics, not in them (drsft.stage)
+    metrics = _summary(run, state, dstats)
+    # what this run did and how long it took: beside the metrics, not in them (drsft.io.write_run_info)
     run_info = {"train_time_s": state["train_time_s"],
                 "tokens_per_s": state["input_tokens"] / state["train_time_s"] if state["train_time_s"] > 0 else None,
                 "resumed_from_steps": state["resumed_from"]}
@@ -882,6 +923,34 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
                  time.perf_counter() - t_segment, out_dir)
     dist.barrier()
     return {**metrics, **run_info}
+
+
+def _summary(run: _Run, state: dict, dstats: DataStats) -> dict:
+    """metrics/train.json: the run's data, losses, per-tier weights and batching."""
+    cfg, history, nlls = run.cfg, state["history"], state["nll_history"]
+    return {
+        "steps": len(run.plan),
+        "epochs": cfg["epochs"],
+        "examples": len(run.examples) * cfg["epochs"],
+        "rows": dstats.rows,
+        "rows_used": len(run.examples),
+        "truncated": dstats.truncated,
+        "dropped": dstats.dropped,
+        "response_tokens": int(sum(run.tokens_global)),
+        "input_tokens": state["input_tokens"],
+        "final_loss": history[-1] if history else None,
+        "mean_loss": sum(history) / len(history) if history else None,
+        "final_nll": nlls[-1] if nlls else None,
+        "mean_nll": sum(nlls) / len(nlls) if nlls else None,
+        "weights": weight_summary(state["totals"]),
+        "loss": cfg["loss"],
+        "zero_stage": cfg["zero_stage"],
+        "world_size": run.world,
+        "gradient_accumulation_steps": run.gas,
+        "packing": cfg["packing"],
+        "batching": cfg["batching"],
+        **batching_summary(run.plan, run.lengths, cfg, run.gas, run.world),
+    }
 
 
 def data_file(data_dir: str | os.PathLike, kind: str) -> Path:

@@ -182,13 +182,13 @@ def _forbid_work(monkeypatch):
     import drsft.models
     import drsft.rollout
     import drsft.train
-    import drsft.world
+    import drsft.toy.world
 
     def boom(*args, **kwargs):
         raise AssertionError("work started before the preflight check")
 
     for mod, name in [(drsft.models, "load_model"), (drsft.models, "load_tokenizer"), (drsft.rollout, "make_backend"),
-                      (drsft.world, "make_world"), (drsft.train, "train")]:
+                      (drsft.toy.world, "make_world"), (drsft.train, "train")]:
         monkeypatch.setattr(mod, name, boom)
 
 

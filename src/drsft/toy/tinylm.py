@@ -110,12 +110,12 @@ def pretrain(out_dir, examples, prompt_cfg, *, seed: int = 0, vocab_size: int = 
     """Pretrain the embedded tiny model on chat examples and save model + tokenizer to ``out_dir``.
 
     ``examples``: objects with ``problem``, ``hint`` (``None`` for a plain prompt) and ``response``
-    (e.g. :class:`drsft.world.PretrainExample`). Each is rendered with
+    (e.g. :class:`drsft.toy.world.PretrainExample`). Each is rendered with
     :func:`drsft.prompts.render_prompt` (the guided template when there is a hint), followed by the
     response and EOS; the loss covers the response tokens (EOS included) only. Plain torch AdamW,
     a fixed number of optimiser ``steps`` (cycling through the examples in seeded epochs).
 
-    ``drills``: optional plain texts (e.g. arithmetic-table drills, :func:`drsft.world.fact_drills`),
+    ``drills``: optional plain texts (e.g. arithmetic-table drills, :func:`drsft.toy.world.fact_drills`),
     trained as ``BOS text EOS`` with the loss on every token after BOS; a ``drill_frac`` share of
     the steps (spread evenly) takes a batch of ``drill_batch_size`` (default ``batch_size``) drills
     instead of chat examples. Drills are short, so those steps are cheap.
