@@ -14,6 +14,8 @@ The predictions ``<out>/<benchmark>.jsonl`` and the metrics equal an uninterrupt
 
 from pathlib import Path
 
+import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks the environment
+
 import click
 
 from drsft.data import load_benchmark
@@ -21,7 +23,7 @@ from drsft.evaluate import (GENERATION_KEYS, add_intervals, average_over, check_
                             generation_rows, summarize, verify_rows)
 from drsft.fingerprint import file_sha256, model_fingerprint
 from drsft.io import DataError, read_jsonl, write_csv, write_json, write_jsonl
-from drsft.models import resolve_model
+from drsft.models import compute_device, resolve_model
 from drsft.params import load_params, section
 from drsft.rollout import make_backend, policy_identity
 from drsft.shards import run_sharded
@@ -67,7 +69,8 @@ def main(params_path, model_dir, benchmarks_dir, out, metrics, plot_csv, progres
     _drop_stale(Path(out), names)
     shard_size, k, greedy = int(cfg["shard_size"]), int(cfg["k"]), bool(cfg["greedy"])
     common = {"evaluate": {key: cfg[key] for key in GENERATION_KEYS}, "rollout": policy_identity(roll),
-              "prompt": prompt_cfg, "trust_remote_code": trust, "model": model_fingerprint(model_dir)}
+              "prompt": prompt_cfg, "trust_remote_code": trust, "model": model_fingerprint(model_dir),
+              "device": compute_device()}
     state = {"backend": None, "bar": None}
 
     def backend():
@@ -126,16 +129,11 @@ def main(params_path, model_dir, benchmarks_dir, out, metrics, plot_csv, progres
 
 
 def _drop_stale(out: Path, names: list[str]) -> None:
-    """Remove the predictions and shards of benchmarks no longer listed (the folder persists)."""
-    import shutil
-
+    """Remove the predictions of benchmarks no longer listed (the folder persists). Their shards
+    stay: they are fingerprinted by the benchmark file, so listing the benchmark again reuses them."""
     for f in out.glob("*.jsonl"):
         if f.stem not in names:
             f.unlink()
-    if (out / "shards").is_dir():
-        for d in (out / "shards").iterdir():
-            if d.is_dir() and d.name not in names:
-                shutil.rmtree(d)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ scale) runs in resumable shards of ``fallback.shard_size`` problems under ``data
 
 from pathlib import Path
 
+import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks the environment
+
 import click
 
 from drsft.fingerprint import model_fingerprint
 from drsft.io import read_problem_ids, read_problems, read_training_rows, write_csv, write_json, write_jsonl
-from drsft.models import load_model, load_tokenizer
+from drsft.models import compute_device, load_model, load_tokenizer
 from drsft.params import load_params, section
 from drsft.prompts import encode_response, render_prompt
 from drsft.rewrite import dropped_rows, nll_histogram, rewrite_metrics, training_row
@@ -59,7 +61,8 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, 
     prompts = [render_prompt(tok, p["problem"], prompt_cfg) for p in problem_list]
     response_ids = [encode_response(tok, p["solution"]) for p in problem_list]
     logprobs = score_sharded(shards, int(cfg["shard_size"]), known, prompts, response_ids,
-                             {"model": model_fingerprint(model_dir), "trust_remote_code": trust},
+                             {"model": model_fingerprint(model_dir), "trust_remote_code": trust,
+                              "device": compute_device()},
                              lambda: (load_model(model_dir, trust_remote_code=trust), tok),
                              batch_size=int(cfg["score_batch_size"]), progress=progress, desc="fallback: score")
     expert = [training_row(p["id"], "expert", pr, p["solution"], ids, None, lp, "unknown")

@@ -26,11 +26,13 @@ import gc
 from collections import Counter
 from pathlib import Path
 
+import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks the environment
+
 import click
 
 from drsft.fingerprint import fingerprint, model_fingerprint
 from drsft.io import read_jsonl, read_problem_ids, write_json, write_jsonl, write_run_info
-from drsft.models import load_model, load_tokenizer, resolve_model
+from drsft.models import compute_device, load_model, load_tokenizer, resolve_model
 from drsft.params import load_params, section
 from drsft.prompts import render_prompt
 from drsft.rewrite import group_by_problem, leak_reason, select, training_row
@@ -111,7 +113,7 @@ def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, 
                         batch_size=int(roll["batch_size"])) if generate else None  # used only when generating
     # What determines the shards' content (run_sharded deletes shards of any other fingerprint).
     inputs = {"guided_align": {k: cfg[k] for k in GENERATION_KEYS}, "rollout": policy_identity(roll), "prompt": prompt_cfg,
-              "trust_remote_code": trust, "model": model_fingerprint(model_dir),
+              "trust_remote_code": trust, "model": model_fingerprint(model_dir), "device": compute_device(),
               "problems_sha256": fingerprint([[p["id"], p["problem"], p["solution"]] for p in todo])}
 
     state = {"backend": None, "bar": None}
@@ -172,7 +174,8 @@ def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, 
     plain_lp = score_sharded(Path(score_shards) if score_shards else out / "score_shards", int(cfg["score_shard_size"]),
                              [f"{p['id']}#{rec['sample_index']}" for p, rec in chosen], plain_prompts,
                              [rec["response_ids"] for _, rec in chosen],
-                             {"model": model_fingerprint(model_dir), "dtype": roll["dtype"], "trust_remote_code": trust},
+                             {"model": model_fingerprint(model_dir), "dtype": roll["dtype"], "device": compute_device(),
+                              "trust_remote_code": trust},
                              lambda: (_scoring_model(state, model_path, roll["dtype"], trust), tok),
                              batch_size=int(cfg["score_batch_size"]), progress=progress, desc="guided_align: score")
     rows = [training_row(p["id"], "guided", pp, rec["response"], rec["response_ids"], rec["logprobs"], lp, "guided")

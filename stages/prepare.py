@@ -22,6 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
+import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks the environment
+
 import click
 
 from drsft.io import DataError, write_json, write_jsonl, write_run_info

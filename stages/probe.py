@@ -12,6 +12,8 @@ Its own stage, after ``prepare``, so that editing the sampler, verifier or score
 """
 
 
+import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks the environment
+
 import click
 
 from drsft.io import read_jsonl, write_json, write_run_info

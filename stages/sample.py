@@ -9,11 +9,13 @@ shard, records per docs/records.md "Sample"), ``data/sample/manifest.json`` and
 
 import time
 
+import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks the environment
+
 import click
 
 from drsft.io import (DataError, check_unique_ids, iter_jsonl, read_jsonl, require, write_json,
                       write_run_info)
-from drsft.models import load_tokenizer
+from drsft.models import compute_device, load_tokenizer
 from drsft.params import ParamsError, load_params, section
 from drsft.prompts import render_prompt
 from drsft.fingerprint import file_sha256, model_fingerprint
@@ -66,7 +68,8 @@ def main(params_path, problems, model_dir, out, metrics, progress):
     tok = load_tokenizer(model_dir, trust_remote_code=trust)
     prompts = {p["id"]: render_prompt(tok, p["problem"], prompt_cfg) for p in items}
     inputs = {"sample": cfg, "rollout": policy_identity(roll), "prompt": prompt_cfg, "trust_remote_code": trust,
-              "problems_sha256": file_sha256(problems), "model": model_fingerprint(model_dir)}
+              "problems_sha256": file_sha256(problems), "model": model_fingerprint(model_dir),
+              "device": compute_device()}
 
     state = {"backend": None, "bar": None, "tokens": 0}
 

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks the environment
+
 import click
 
 from drsft.io import read_problems, read_samples, read_verdicts, write_json, write_jsonl

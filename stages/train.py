@@ -8,6 +8,8 @@ resumable checkpoints in models/checkpoints. See drsft.train for the details.
 
 from pathlib import Path
 
+import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks the environment
+
 import click
 
 from drsft.params import load_params, section

@@ -8,6 +8,8 @@ Reads the problems (``id``, ``answer``) and the sample shards; writes one verdic
 import time
 from collections import Counter
 
+import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks the environment
+
 import click
 
 from drsft.io import read_problems, read_samples, write_json, write_jsonl, write_run_info

@@ -144,8 +144,9 @@ class LLM:
                 json.dump({"gpus": gpus, "kw": kw}, f)
 
     def generate(self, inputs, sampling_params, use_tqdm=False):
-        # progress as vLLM reports it: a tqdm-like factory wraps the request list, then counts
-        # finished requests on a bar (update, postfix, close)
+        # progress as vLLM's LLM._run_engine reports it to a tqdm-like factory: the request list may be
+        # wrapped, then per finished request the elapsed time is read (format_dict), the postfix set,
+        # update(<samples of the request>) called and n compared with the number of requests
         pbar = None
         if callable(use_tqdm):
             inputs = list(use_tqdm(inputs, desc="Adding requests"))
@@ -162,8 +163,11 @@ class LLM:
                                   finish_reason="length" if length == sp.max_tokens else "stop"))
             outs.append(_Obj(outputs=comps[::-1]))
             if pbar is not None:
-                pbar.update(1)
-                pbar.postfix = "1 toks/s"
+                speed = sum(len(c.token_ids) for c in comps) / pbar.format_dict["elapsed"]
+                pbar.postfix = f"est. speed output: {speed:.2f} toks/s"
+                pbar.update(len(comps))
+                if pbar.n == len(inputs):
+                    pbar.refresh()
         if pbar is not None:
             pbar.close()
         return outs
@@ -211,6 +215,9 @@ def test_vllm_data_parallel_workers_match_one_engine(fake_vllm, tiny_model_dir, 
     bar = _Bar()
     ref = one.generate(prompts, sp, progress=bar)
     assert sum(bar.updates) == len(prompts) * sp.n and bar.updates[-1] == 0   # counted inside vLLM's loop
+    bar = _Bar()   # greedy: one decode per prompt, copied n times; the bar counts the n copies
+    one.generate(prompts, SamplingParams(n=3, temperature=0.0, max_new_tokens=6, seed=11), progress=bar)
+    assert sum(bar.updates) == len(prompts) * 3 and bar.updates[-1] == 0
     assert [len(cs) for cs in ref] == [3] * len(prompts)
     assert len({tuple(c.token_ids) for c in ref[-3]}) > 1 or ref[-3][0].token_ids != ref[-2][0].token_ids
     assert [c.token_ids for c in ref[-1]] != [c.token_ids for c in ref[-2]], "repeated prompt, other seeds"

@@ -14,6 +14,15 @@ from pathlib import Path
 REFERENCE_FILE = "reference.json"
 
 
+def compute_device() -> str:
+    """The kind of device models load on here: ``cuda`` or ``cpu``. With ``dtype: auto`` it decides
+    the numerics (bf16 on a GPU, fp32 on CPU), so resumable shards record it in their fingerprint:
+    a run resumed on the other kind of machine starts over instead of mixing the two."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_model(path: str | os.PathLike) -> str:
     """Return what ``from_pretrained`` should load for a model folder written by ``prepare``.
 

@@ -633,7 +633,7 @@ def _checkpoint_dir(ckpt_dir: Path, fp: dict, rank: int, dist) -> None:
 
 
 def _build_engine(cfg: Mapping[str, Any], ds_cfg: dict, resolved: str, on_gpu: bool, total_steps: int,
-                  trust_remote_code: bool):
+                  trust_remote_code: bool = False):
     """The model (ZeRO-3: partitioned while loading), AdamW and the warm-up/cosine schedule, wrapped
     by DeepSpeed."""
     import deepspeed

@@ -81,27 +81,36 @@ def dp_gpu_slices(data_parallel_size: int, tensor_parallel_size: int, visible: S
 
 class _ProgressRelay:
     """What drsft passes as vLLM's ``use_tqdm`` (which accepts a tqdm-like factory): vLLM calls it
-    as ``use_tqdm(total=..., desc=..., ...)`` for its bar of finished requests and uses ``update(n)``,
-    ``postfix`` and ``close()``; some versions also wrap the request list as ``use_tqdm(iterable,
-    desc=...)``, which is passed through. Finished requests go to ``report(n)``, at most every
-    ``min_interval`` seconds (and on close), so a data-parallel worker can forward them to the
-    parent's bar over its pipe."""
+    as ``use_tqdm(total=..., desc=..., ...)`` for its bar and, per finished request, reads
+    ``format_dict["elapsed"]``, sets ``postfix``, calls ``update(<the request's samples>)`` and
+    compares ``n`` with its request count (``LLM._run_engine``); some versions also wrap the request
+    list as ``use_tqdm(iterable, desc=...)``, which is passed through. Finished samples go to
+    ``report(n)``, at most every ``min_interval`` seconds (and on close), so a data-parallel worker
+    can forward them to the parent's bar over its pipe."""
 
     def __init__(self, report: Any, min_interval: float = 0.5):
         self.report = report
         self.min_interval = min_interval
 
     def __call__(self, iterable: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return iterable if iterable is not None else _RelayBar(self.report, self.min_interval)
+        if iterable is not None:
+            return iterable
+        return _RelayBar(self.report, self.min_interval, kwargs.get("total"))
 
 
 class _RelayBar:
-    def __init__(self, report: Any, min_interval: float):
-        self.report, self.min_interval = report, min_interval
-        self.pending, self.last = 0, time.monotonic()
+    def __init__(self, report: Any, min_interval: float, total: int | None = None):
+        self.report, self.min_interval, self.total = report, min_interval, total
+        self.start = self.last = time.monotonic()
+        self.n = self.pending = 0
         self.postfix = None
 
+    @property
+    def format_dict(self) -> dict:
+        return {"n": self.n, "total": self.total, "elapsed": max(time.monotonic() - self.start, 1e-6)}
+
     def update(self, n: int = 1) -> None:
+        self.n += int(n)
         self.pending += int(n)
         if time.monotonic() - self.last >= self.min_interval:
             self.flush()
@@ -379,14 +388,16 @@ class VLLMBackend:
             if prompt not in encoded:
                 encoded[prompt] = encode_prompt(self.tokenizer, prompt)
             requests.append((encoded[prompt], sequence_seed(params.seed, prompt, occ, 0)))
-        # One bar over sequences, whatever the number of engines: finished requests reach it from
-        # vLLM's own loop (single engine) or from every data-parallel worker, as they finish.
+        # One bar over sequences, whatever the number of engines: finished samples reach it from
+        # vLLM's own loop (single engine) or from every data-parallel worker, as they finish; a
+        # greedy decode stands for the n copies made of it below.
         bar = _Progress(progress, total=len(prompts) * int(params.n))
+        copies = int(params.n) // sp_kwargs["n"]
         done = [0]
 
         def finished(n: int) -> None:
-            done[0] += n
-            bar.update(n * int(params.n), 0)
+            done[0] += n * copies
+            bar.update(n * copies, 0)
 
         try:
             if self.pool is None:
@@ -413,6 +424,6 @@ class VLLMBackend:
                 comps = [Completion(comps[0].text, list(comps[0].token_ids), list(comps[0].logprobs),
                                     comps[0].finish_reason) for _ in range(int(params.n))]
             result.append(comps)
-        bar.update(max(0, len(requests) - done[0]) * int(params.n), sum(len(c.token_ids) for cs in result for c in cs))
+        bar.update(max(0, len(requests) * int(params.n) - done[0]), sum(len(c.token_ids) for cs in result for c in cs))
         bar.close()
         return result
