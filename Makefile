@@ -44,7 +44,7 @@ lock: install
 	$(PIP) install -q uv
 	head -5 requirements.lock > $(VENV)/lock-header
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch.constraint
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --python $(PY) -c $(VENV)/torch.constraint \
+	$(VENV)/bin/uv pip compile --quiet pyproject.toml --extra dev --generate-hashes --python $(PY) -c $(VENV)/torch.constraint \
 	  --no-build-isolation-package deepspeed --no-emit-package torch --no-header --no-annotate \
 	  $(if $(LOCK_UPGRADE),--upgrade) $(LOCK_ARGS) -o requirements.lock
 	cat $(VENV)/lock-header requirements.lock > $(VENV)/lock-new && mv $(VENV)/lock-new requirements.lock
