@@ -1,12 +1,12 @@
 """evaluate: avg@k and greedy accuracy of a model on the configured benchmarks.
 
-Used twice in dvc.yaml: ``evaluate`` (the trained model) and ``evaluate_base`` (the base model,
-the reference row of every table).
+One ``foreach`` stage in dvc.yaml: ``evaluate@trained`` (the trained model) and ``evaluate@base``
+(the base model, the reference row of every table).
 
 Resumable, as ``sample``: each benchmark's generations are written in shards of
 ``evaluate.shard_size`` problems under ``<out>/shards/<benchmark>/`` (``persist: true`` in
 dvc.yaml) by :func:`drsft.shards.run_sharded`, fingerprinted by what determines them (the
-sampling params, rollout backend and dtype, prompt, benchmark file and model). A killed run keeps
+sampling params, rollout backend and dtype, prompt, benchmark file, model and compute device). A killed run keeps
 its finished shards and the rerun generates only the rest. Verification runs on every evaluation
 (minutes at most), so a change of ``verify`` rescoring the same generations regenerates nothing.
 The predictions ``<out>/<benchmark>.jsonl`` and the metrics equal an uninterrupted run's.
