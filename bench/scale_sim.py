@@ -1,12 +1,12 @@
 """The CPU side of the pipeline at the paper's record sizes, on synthetic records: time, memory, disk.
 
-    python bench/scale_sim.py --problems 50000 --n 4 --tokens 600 [--workdir DIR] [--out sim.json]
+    python bench/scale_sim.py --problems 50000 --n 4 --tokens 600 [--format parquet|jsonl] [--workdir DIR] [--out sim.json]
 
-Writes records of that size in the pipeline's own formats (docs/records.md): ``train.jsonl``
-(problems with a reference answer and an expert solution), and sample shards of ``--n`` samples per
-problem, each with ``response_ids`` and ``logprobs`` of about ``--tokens`` tokens (uniform in
-[0.5, 1.5] x tokens, ids below Qwen2.5's vocabulary of 151,936, log-probs as the sampler writes them:
-JSON floats) and a response text of ~3.6 characters per token that ends in a ``\\boxed{}`` answer,
+Writes records of that size in the pipeline's own formats (docs/records.md; ``--format`` is
+``records.format``, parquet by default as in the paper configs): ``train.jsonl`` (problems with a
+reference answer and an expert solution), and sample shards of ``--n`` samples per problem, each
+with ``response_ids`` and ``logprobs`` of about ``--tokens`` tokens (uniform in [0.5, 1.5] x tokens,
+ids below Qwen2.5's vocabulary of 151,936, log-probs as the sampler returns them) and a response text of ~3.6 characters per token that ends in a ``\\boxed{}`` answer,
 right for about ``--solve-rate`` of the samples (answers: integers, fractions and surds, so that
 math-verify parses two in three). Random but well-formed: every reader's checks pass.
 
@@ -16,15 +16,14 @@ Then it runs, each in its own process, with wall time and peak RSS (``wait4``):
 * ``self_align``  -- ``stages/self_align.py``;
 * ``fallback``    -- the fallback stage's assembly without the model: the rows of ``self_align``
   plus an expert row per unsolved problem (its log-probs random instead of scored; scoring is GPU
-  work), written as ``data/train/rewritten.jsonl`` and ``expert.jsonl`` with their metrics;
+  work), written as ``data/train/rewritten.<format>`` and ``expert.<format>`` with their metrics;
 * ``train_load``  -- the trainer's data side: :func:`drsft.train.load_examples` of the rewritten set
   (prompts tokenized with a small BPE trained on the synthetic words), the global-batch plan and the packed token-budget
   micro-batches of every step (:func:`drsft.train.batching_summary`).
 
-guided_align is left out (it is generation); its unsolved problems all fall back here. It also
-writes the first sample shard as Parquet (int32 ids, float32 log-probs, zstd) to measure what a
-binary record format would save. The last lines report the records on disk and the largest peak
-RSS against the goals (1 GiB, 12 GiB).
+guided_align is left out (it is generation); its unsolved problems all fall back here. The same
+``--seed`` gives the same records in either format. The last lines report the records on disk and
+the largest peak RSS against the goals (1 GiB, 12 GiB).
 """
 
 from __future__ import annotations
@@ -73,8 +72,11 @@ def _text(rng: random.Random, n_chars: int, answer: str) -> str:
     return " ".join(words) + f". The answer is $\\boxed{{{answer}}}$."
 
 
-def generate(work: Path, problems: int, n: int, tokens: int, solve_rate: float, shard_size: int, seed: int) -> dict:
-    """train.jsonl and data/sample shards; returns counts and sizes."""
+def generate(work: Path, problems: int, n: int, tokens: int, solve_rate: float, shard_size: int, seed: int,
+             fmt: str) -> dict:
+    """train.jsonl and data/sample shards in records format ``fmt``; returns counts and sizes."""
+    from drsft.io import write_records
+
     rng = random.Random(seed)
     (work / "data" / "sample").mkdir(parents=True, exist_ok=True)
     train = work / "data" / "train.jsonl"
@@ -91,19 +93,19 @@ def generate(work: Path, problems: int, n: int, tokens: int, solve_rate: float, 
     ids = list(answers)
     samples = 0
     for s in range(0, problems, shard_size):
-        with open(work / "data" / "sample" / f"shard-{s // shard_size:05d}.jsonl", "w", encoding="utf-8") as f:
-            for pid in ids[s:s + shard_size]:
-                prompt = f"<|im_start|>user\nProblem {pid}: compute the value.<|im_end|>\n<|im_start|>assistant\n"
-                for j in range(n):
-                    k = max(1, int(tokens * rng.uniform(0.5, 1.5)))
-                    ans = answers[pid] if rng.random() < solve_rate else _answer(rng)
-                    f.write(json.dumps({
-                        "problem_id": pid, "sample_index": j, "prompt": prompt,
-                        "response": _text(rng, int(k * 3.6), ans),
-                        "response_ids": [rng.randrange(QWEN_VOCAB) for _ in range(k)],
-                        "logprobs": [-rng.expovariate(2.0) for _ in range(k)],
-                        "finish_reason": "stop"}) + "\n")
-                    samples += 1
+        shard = []
+        for pid in ids[s:s + shard_size]:
+            prompt = f"<|im_start|>user\nProblem {pid}: compute the value.<|im_end|>\n<|im_start|>assistant\n"
+            for j in range(n):
+                k = max(1, int(tokens * rng.uniform(0.5, 1.5)))
+                ans = answers[pid] if rng.random() < solve_rate else _answer(rng)
+                shard.append({
+                    "problem_id": pid, "sample_index": j, "prompt": prompt,
+                    "response": _text(rng, int(k * 3.6), ans),
+                    "response_ids": [rng.randrange(QWEN_VOCAB) for _ in range(k)],
+                    "logprobs": [-rng.expovariate(2.0) for _ in range(k)],
+                    "finish_reason": "stop"})
+        samples += write_records(work / "data" / "sample" / f"shard-{s // shard_size:05d}.{fmt}", shard)
     return {"problems": problems, "samples": samples, "seconds": time.perf_counter() - t0}
 
 
@@ -111,29 +113,6 @@ def _iter(path: Path):
     from drsft.io import iter_jsonl
 
     return iter_jsonl(path)
-
-
-def parquet_size(shard: Path) -> tuple[int, int]:
-    """One sample shard's bytes as JSON lines and as Parquet (token ids int32, log-probs float32,
-    zstd): what a binary record format would save, measured on the same records."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    recs = [r for _, r in _iter(shard)]
-    table = pa.table({
-        "problem_id": pa.array([r["problem_id"] for r in recs]),
-        "sample_index": pa.array([r["sample_index"] for r in recs], pa.int32()),
-        "prompt": pa.array([r["prompt"] for r in recs]),
-        "response": pa.array([r["response"] for r in recs]),
-        "response_ids": pa.array([r["response_ids"] for r in recs], pa.list_(pa.int32())),
-        "logprobs": pa.array([r["logprobs"] for r in recs], pa.list_(pa.float32())),
-        "finish_reason": pa.array([r["finish_reason"] for r in recs]),
-    })
-    out = shard.with_suffix(".parquet")
-    pq.write_table(table, out, compression="zstd")
-    size = out.stat().st_size
-    out.unlink()
-    return shard.stat().st_size, size
 
 
 def _size(path: Path) -> int:
@@ -157,9 +136,9 @@ def measure(name: str, cmd: list[str], cwd: Path) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2 ** 20, 3)}
 
 
-def assemble(work: str, tokens: int, seed: int) -> None:
+def assemble(work: str, tokens: int, seed: int, fmt: str) -> None:
     """The fallback stage's assembly, model scoring replaced by random log-probs."""
-    from drsft.io import read_problem_ids, read_problems, read_training_rows, write_json, write_jsonl
+    from drsft.io import read_problem_ids, read_problems, read_training_rows, record_file, write_json, write_records
     from drsft.rewrite import rewrite_metrics, training_row
 
     w = Path(work)
@@ -167,7 +146,7 @@ def assemble(work: str, tokens: int, seed: int) -> None:
     problems = read_problems(w / "data" / "train.jsonl")
     known = [p["id"] for p in problems]
     unsolved = set(read_problem_ids(w / "data" / "self_align" / "unsolved.jsonl", known))
-    tiers = read_training_rows(w / "data" / "self_align" / "selected.jsonl", known)
+    tiers = read_training_rows(record_file(w / "data" / "self_align", "selected", fmt), known)
     expert = []
     for p in problems:
         k = max(1, int(tokens * rng.uniform(0.5, 1.5)))
@@ -175,14 +154,14 @@ def assemble(work: str, tokens: int, seed: int) -> None:
                                    [rng.randrange(QWEN_VOCAB) for _ in range(k)], None,
                                    [-rng.expovariate(2.0) for _ in range(k)], "unknown"))
     rewritten = tiers + [{**r, "tier": "fallback"} for r in expert if r["problem_id"] in unsolved]
-    write_jsonl(w / "data" / "train" / "rewritten.jsonl", rewritten)
-    write_jsonl(w / "data" / "train" / "expert.jsonl", expert)
+    write_records(record_file(w / "data" / "train", "rewritten", fmt), rewritten)
+    write_records(record_file(w / "data" / "train", "expert", fmt), expert)
     write_json(w / "metrics" / "rewrite.json", rewrite_metrics(rewritten, expert))
 
 
-def train_load(work: str, max_length: int, budget: int) -> None:
+def train_load(work: str, max_length: int, budget: int, fmt: str) -> None:
     """The trainer's data side on the rewritten set: rows, global batches, packed token-budget micro-batches."""
-    from drsft.io import write_json
+    from drsft.io import record_file, write_json
     from drsft.params import load_params, section
     from drsft.toy.tinylm import build_tokenizer
     from drsft.train import batch_plan, batching_summary, load_examples
@@ -192,7 +171,7 @@ def train_load(work: str, max_length: int, budget: int) -> None:
     texts = [" ".join(WORDS), "<|im_start|>user\nProblem p000001: compute the value.<|im_end|>",
              prompt_cfg["system"], prompt_cfg["instruction"]]
     tok = build_tokenizer(texts * 20, vocab_size=400)
-    examples, stats = load_examples(w / "data" / "train" / "rewritten.jsonl", tok, max_length, QWEN_VOCAB)
+    examples, stats = load_examples(record_file(w / "data" / "train", "rewritten", fmt), tok, max_length, QWEN_VOCAB)
     cfg = {"batching": "tokens", "packing": True, "max_tokens_per_micro_batch": budget, "micro_batch_size": 4}
     plan = batch_plan(len(examples), 256, 1, 0)
     summary = batching_summary(plan, [len(e.input_ids) for e in examples], cfg, 8, 8)
@@ -210,21 +189,27 @@ def train_load(work: str, max_length: int, budget: int) -> None:
 @click.option("--budget", default=8192, show_default=True, help="train.max_tokens_per_micro_batch")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="keep the records here")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True,
+              help="records.format")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the figures as JSON")
 @click.pass_context
-def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, workdir, seed, out):
+def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, workdir, seed, fmt, out):
     if ctx.invoked_subcommand is not None:
         return
     from drsft.io import read_json, write_json
 
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="drsft-scale-sim-"))
     work.mkdir(parents=True, exist_ok=True)
+    import yaml
+
     params = work / "params.yaml"
-    shutil.copy(ROOT / "params.yaml", params)
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    doc["records"]["format"] = fmt
+    params.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     py, stages, me = sys.executable, ROOT / "stages", str(Path(__file__).resolve())
     try:
         click.echo(f"generating {problems} problems x {n} samples x ~{tokens} tokens in {work} ...", err=True)
-        gen = generate(work, problems, n, tokens, solve_rate, shard_size, seed)
+        gen = generate(work, problems, n, tokens, solve_rate, shard_size, seed, fmt)
         d = "data"
         runs = {
             "verify": [py, str(stages / "verify.py"), "--params", str(params), "--problems", f"{d}/train.jsonl",
@@ -233,8 +218,9 @@ def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, w
             "self_align": [py, str(stages / "self_align.py"), "--params", str(params), "--problems", f"{d}/train.jsonl",
                            "--samples", f"{d}/sample", "--verdicts", f"{d}/verify/verdicts.jsonl", "--out",
                            f"{d}/self_align", "--metrics", "metrics/self_align.json"],
-            "fallback": [py, me, "assemble", str(work), "--tokens", str(tokens), "--seed", str(seed)],
-            "train_load": [py, me, "load", str(work), "--max-length", str(max_length), "--budget", str(budget)],
+            "fallback": [py, me, "assemble", str(work), "--tokens", str(tokens), "--seed", str(seed), "--format", fmt],
+            "train_load": [py, me, "load", str(work), "--max-length", str(max_length), "--budget", str(budget),
+                           "--format", fmt],
         }
         res = {"generate": {"seconds": round(gen["seconds"], 1), "peak_rss_gib": None}}
         for name, cmd in runs.items():
@@ -243,11 +229,9 @@ def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, w
         sizes = {"samples": _size(work / d / "sample"), "verdicts": _size(work / d / "verify"),
                  "self_align": _size(work / d / "self_align"), "train": _size(work / d / "train")}
         records = sum(sizes.values())
-        js, pq_bytes = parquet_size(work / d / "sample" / "shard-00000.jsonl")
         loaded = read_json(work / "metrics" / "train_load.json")
-        summary = {"problems": problems, "n": n, "tokens": tokens, "samples": gen["samples"], "stages": res,
-                   "bytes": sizes, "records_gib": records / 2 ** 30,
-                   "sample_shard_parquet_over_jsonl": pq_bytes / js,
+        summary = {"problems": problems, "n": n, "tokens": tokens, "format": fmt, "samples": gen["samples"],
+                   "stages": res, "bytes": sizes, "records_gib": records / 2 ** 30,
                    "peak_rss_gib": max(v["peak_rss_gib"] for v in res.values() if v["peak_rss_gib"] is not None),
                    "verify": read_json(work / "metrics" / "verify.json"),
                    "self_align": read_json(work / "metrics" / "self_align.json"), "train_load": loaded}
@@ -260,10 +244,7 @@ def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, w
         click.echo(f"train_load: {loaded['rows']} rows, {loaded['steps']} steps of 256, "
                    f"{loaded['micro_batches_per_step']:.1f} packed micro-batches of <= {budget} tokens per rank "
                    f"(8 ranks), padding {100 * loaded['padding_share']:.1f} %")
-        click.echo(f"sample shards as Parquet (int32 ids, float32 log-probs, zstd): {pq_bytes / js:.2f} x their "
-                   f"JSON lines size, i.e. ~{sizes['samples'] * pq_bytes / js / 2 ** 30:.2f} GiB instead of "
-                   f"{sizes['samples'] / 2 ** 30:.2f}")
-        click.echo(f"records on disk: {records / 2 ** 30:.2f} GiB (goal <= 1); largest peak RSS: "
+        click.echo(f"records on disk ({fmt}): {records / 2 ** 30:.2f} GiB (goal <= 1); largest peak RSS: "
                    f"{summary['peak_rss_gib']:.2f} GiB (goal <= 12)")
     finally:
         if not workdir:
@@ -274,16 +255,18 @@ def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, w
 @click.argument("work")
 @click.option("--tokens", default=600)
 @click.option("--seed", default=0)
-def assemble_cmd(work, tokens, seed):
-    assemble(work, tokens, seed)
+@click.option("--format", "fmt", default="parquet")
+def assemble_cmd(work, tokens, seed, fmt):
+    assemble(work, tokens, seed, fmt)
 
 
 @main.command("load")
 @click.argument("work")
 @click.option("--max-length", default=2048)
 @click.option("--budget", default=8192)
-def load_cmd(work, max_length, budget):
-    train_load(work, max_length, budget)
+@click.option("--format", "fmt", default="parquet")
+def load_cmd(work, max_length, budget, fmt):
+    train_load(work, max_length, budget, fmt)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from drsft.io import DataError, read_jsonl, write_csv, write_json, write_jsonl
 from drsft.models import compute_device, resolve_model
 from drsft.params import load_params, section
 from drsft.rollout import make_backend, policy_identity
-from drsft.shards import run_sharded
+from drsft.shards import items_in, run_sharded
 from drsft.stage import clear_errors, count_records, log, preflight, sequences_bytes
 from drsft.stats import problem_scores
 
@@ -90,7 +90,7 @@ def main(params_path, model_dir, benchmarks_dir, out, metrics, plot_csv, progres
             if todo and progress:
                 from tqdm.auto import tqdm
 
-                n_seq = sum(len(problems[i * shard_size:(i + 1) * shard_size]) for i in todo) * (k + greedy)
+                n_seq = items_in(todo, len(problems), shard_size) * (k + greedy)
                 state["bar"] = tqdm(total=n_seq, desc=f"evaluate {name}", unit="seq", dynamic_ncols=True)
 
         def process(chunk):

@@ -1,8 +1,8 @@
 """fallback: problems still unsolved keep the expert demonstration; writes both training sets.
 
-Outputs ``data/train/rewritten.jsonl`` (self + guided + fallback rows) and
-``data/train/expert.jsonl`` (every problem with its expert demonstration: the vanilla-SFT set),
-in the same format, plus the policy-gap diagnostics in ``metrics/rewrite.json``. Expert responses
+Outputs ``data/train/rewritten.<records.format>`` (self + guided + fallback rows) and
+``data/train/expert.<records.format>`` (every problem with its expert demonstration: the
+vanilla-SFT set), training rows both (docs/records.md), plus the policy-gap diagnostics in ``metrics/rewrite.json``. Expert responses
 get their plain-prompt log-probs under the base model; their behaviour policy (the expert's) is
 unknown, so ``behaviour_logprobs`` is null and ``behaviour`` is ``unknown``.
 
@@ -11,14 +11,13 @@ scale) runs in resumable shards of ``fallback.shard_size`` problems under ``data
 (``persist: true``; drsft.scoring.score_sharded): a killed run keeps its finished shards.
 """
 
-from pathlib import Path
-
 import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks the environment
 
 import click
 
 from drsft.fingerprint import model_fingerprint
-from drsft.io import read_problem_ids, read_problems, read_training_rows, write_csv, write_json, write_jsonl
+from drsft.io import (read_problem_ids, read_problems, read_training_rows, record_file, write_csv, write_json,
+                      write_records)
 from drsft.models import compute_device, load_model, load_tokenizer
 from drsft.params import load_params, section
 from drsft.prompts import encode_response, render_prompt
@@ -30,8 +29,8 @@ from drsft.stage import clear_errors, log
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 @click.option("--problems", default="data/prepare/train.jsonl", show_default=True)
-@click.option("--self-rows", default="data/self_align/selected.jsonl", show_default=True)
-@click.option("--guided-rows", default="data/guided_align/selected.jsonl", show_default=True)
+@click.option("--self-rows", default=None, help="[default: data/self_align/selected.<records.format>]")
+@click.option("--guided-rows", default=None, help="[default: data/guided_align/selected.<records.format>]")
 @click.option("--unsolved", default="data/guided_align/unsolved.jsonl", show_default=True)
 @click.option("--self-metrics", default="metrics/self_align.json", show_default=True)
 @click.option("--guided-metrics", default="metrics/guided_align.json", show_default=True)
@@ -48,7 +47,9 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, 
          metrics, plot_csv, tiers_csv, progress):
     """Assemble the rewritten training set (self + guided + expert fallback) and the expert set."""
     params = load_params(params_path)
-    cfg, prompt_cfg = section(params, "fallback"), section(params, "prompt")
+    cfg, prompt_cfg, fmt = section(params, "fallback"), section(params, "prompt"), section(params, "records")["format"]
+    self_rows = self_rows or record_file("data/self_align", "selected", fmt)
+    guided_rows = guided_rows or record_file("data/guided_align", "selected", fmt)
     trust = section(params, "model")["trust_remote_code"]
     problem_list = read_problems(problems)
     known = [p["id"] for p in problem_list]
@@ -64,7 +65,8 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, 
                              {"model": model_fingerprint(model_dir), "trust_remote_code": trust,
                               "device": compute_device()},
                              lambda: (load_model(model_dir, trust_remote_code=trust), tok),
-                             batch_size=int(cfg["score_batch_size"]), progress=progress, desc="fallback: score")
+                             batch_size=int(cfg["score_batch_size"]), progress=progress, desc="fallback: score",
+                             fmt=fmt)
     expert = [training_row(p["id"], "expert", pr, p["solution"], ids, None, lp, "unknown")
               for p, pr, ids, lp in zip(problem_list, prompts, response_ids, logprobs)]
 
@@ -77,9 +79,8 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, 
                                    "the upstream stages are out of step; run `dvc repro`")
     rewritten.sort(key=lambda r: (order[r["problem_id"]], r["tier"]))
 
-    out = Path(out)
-    write_jsonl(out / "rewritten.jsonl", rewritten)
-    write_jsonl(out / "expert.jsonl", expert)
+    write_records(record_file(out, "rewritten", fmt), rewritten)
+    write_records(record_file(out, "expert", fmt), expert)
     write_csv(plot_csv, nll_histogram(rewritten, expert), ["nll", "expert", "rewritten"])
     m = {**rewrite_metrics(rewritten, expert), "dropped": dropped}
     write_json(metrics, m)

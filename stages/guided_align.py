@@ -1,8 +1,11 @@
 """guided_align: re-solve unsolved problems with the expert solution as a hint; keep standalone re-solves.
 
 ``guided_align.n: 0`` skips re-solving (the tier ablation "DR without guided re-solving"): no
-generation, empty ``resolves.jsonl``/``selected.jsonl``, and every unsolved problem is passed on to
+generation, empty ``resolves``/``selected`` files, and every unsolved problem is passed on to
 ``fallback``.
+
+Writes ``<out>/resolves.<records.format>`` (every re-solve with its verdict and filter status),
+``<out>/selected.<records.format>`` (training rows, docs/records.md) and ``<out>/unsolved.jsonl``.
 
 A kept re-solve becomes a training example on the *plain* prompt (no hint). It carries two
 log-prob vectors, each from one forward pass of the base model: under the guided prompt (the
@@ -31,14 +34,14 @@ import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks 
 import click
 
 from drsft.fingerprint import fingerprint, model_fingerprint
-from drsft.io import read_jsonl, read_problem_ids, write_json, write_jsonl, write_run_info
+from drsft.io import read_problem_ids, read_records, record_file, write_json, write_jsonl, write_records, write_run_info
 from drsft.models import compute_device, load_model, load_tokenizer, resolve_model
 from drsft.params import load_params, section
 from drsft.prompts import render_prompt
 from drsft.rewrite import group_by_problem, leak_reason, select, training_row
 from drsft.rollout import (SamplingParams, check_sample_records, make_backend, policy_identity,
                            sample_records)
-from drsft.shards import run_sharded
+from drsft.shards import items_in, run_sharded
 from drsft.scoring import score_sharded
 from drsft.stage import (clear_errors, count_records, log, preflight, problems_by_id,
                          sequences_bytes)
@@ -93,7 +96,7 @@ def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, 
     re-solves as training rows on the plain prompt."""
     params = load_params(params_path)
     cfg, prompt_cfg, roll = section(params, "guided_align"), section(params, "prompt"), section(params, "rollout")
-    verify_cfg = section(params, "verify")
+    verify_cfg, fmt = section(params, "verify"), section(params, "records")["format"]
     trust = section(params, "model")["trust_remote_code"]
     preflight([out, shards or Path(out) / "shards", metrics],  # resolves + selected rows: 2x the sequences
               need_bytes=2 * sequences_bytes(count_records(unsolved) * int(cfg["n"]), int(cfg["max_new_tokens"])))
@@ -129,7 +132,7 @@ def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, 
         if progress:
             from tqdm.auto import tqdm
 
-            n_seq = sum(len(todo[i * shard_size:(i + 1) * shard_size]) for i in todo_shards) * sp.n
+            n_seq = items_in(todo_shards, len(todo), shard_size) * sp.n
             state["bar"] = tqdm(total=n_seq, desc="guided_align", unit="seq", dynamic_ncols=True)
 
     def process(chunk):
@@ -144,11 +147,11 @@ def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, 
     out = Path(out)
     try:  # without re-solving (n 0): no shards, and as for any other fingerprint, old shards are deleted
         run = run_sharded(todo if generate else [], Path(shards) if shards else out / "shards", shard_size, inputs,
-                          process, validate=validate, on_start=on_start)
+                          process, validate=validate, on_start=on_start, fmt=fmt)
     finally:
         if state["bar"] is not None:
             state["bar"].close()
-    samples = [rec for path in run.paths for rec in read_jsonl(path)]
+    samples = [rec for path in run.paths for rec in read_records(path)]
     verdicts = verify_batch([(r["response"], by_id[r["problem_id"]]["answer"]) for r in samples],
                             workers=int(verify_cfg["workers"]), timeout_s=float(verify_cfg["timeout_s"]),
                             mode=verify_cfg["mode"], progress=progress)
@@ -177,12 +180,13 @@ def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, 
                              {"model": model_fingerprint(model_dir), "dtype": roll["dtype"], "device": compute_device(),
                               "trust_remote_code": trust},
                              lambda: (_scoring_model(state, model_path, roll["dtype"], trust), tok),
-                             batch_size=int(cfg["score_batch_size"]), progress=progress, desc="guided_align: score")
+                             batch_size=int(cfg["score_batch_size"]), progress=progress, desc="guided_align: score",
+                             fmt=fmt)
     rows = [training_row(p["id"], "guided", pp, rec["response"], rec["response_ids"], rec["logprobs"], lp, "guided")
             for (p, rec), pp, lp in zip(chosen, plain_prompts, plain_lp)]
 
-    write_jsonl(out / "resolves.jsonl", resolves)
-    write_jsonl(out / "selected.jsonl", rows)
+    write_records(record_file(out, "resolves", fmt), resolves)
+    write_records(record_file(out, "selected", fmt), rows)
     write_jsonl(out / "unsolved.jsonl", ({"problem_id": pid} for pid in still_unsolved))
     attempted = len(todo)
     solved = attempted - len(still_unsolved)

@@ -1,8 +1,9 @@
 """sample: n model solutions per training problem, with behaviour log-probs, in resumable shards.
 
 Reads ``data/prepare/train.jsonl`` and ``models/base``; params ``sample``, ``rollout``, ``prompt``
-and ``model``. Writes ``data/sample/shard-00000.jsonl``, ... (``sample.shard_size`` problems per
-shard, records per docs/records.md "Sample"), ``data/sample/manifest.json`` and
+``model`` and ``records``. Writes ``data/sample/shard-00000.jsonl``, ... (``.parquet`` with
+``records.format: parquet``; ``sample.shard_size`` problems per shard, records per docs/records.md
+"Sample"), ``data/sample/manifest.json`` and
 ``metrics/sample.json``. A killed run resumes from its finished shards (the folder is
 ``persist: true`` in dvc.yaml); shards of other params/inputs are deleted, never reused.
 """
@@ -13,15 +14,14 @@ import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks 
 
 import click
 
-from drsft.io import (DataError, check_unique_ids, iter_jsonl, read_jsonl, require, write_json,
-                      write_run_info)
+from drsft.io import DataError, check_unique_ids, iter_jsonl, iter_records, require, write_json, write_run_info
 from drsft.models import compute_device, load_tokenizer
 from drsft.params import ParamsError, load_params, section
 from drsft.prompts import render_prompt
 from drsft.fingerprint import file_sha256, model_fingerprint
 from drsft.rollout import (SamplingParams, check_sample_records, make_backend, policy_identity,
                            sample_records)
-from drsft.shards import run_sharded
+from drsft.shards import items_in, run_sharded
 from drsft.stage import clear_errors, count_records, log, preflight, sequences_bytes
 
 
@@ -84,7 +84,7 @@ def main(params_path, problems, model_dir, out, metrics, progress):
         if progress:
             from tqdm.auto import tqdm
 
-            n_seq = sum(len(items[i * shard_size:(i + 1) * shard_size]) for i in todo) * sp.n
+            n_seq = items_in(todo, len(items), shard_size) * sp.n
             state["bar"] = tqdm(total=n_seq, desc="sample", unit="seq", dynamic_ncols=True)
 
     def process(chunk):
@@ -99,18 +99,22 @@ def main(params_path, problems, model_dir, out, metrics, progress):
 
     t0 = time.perf_counter()
     try:
-        run = run_sharded(items, out, shard_size, inputs, process, validate=validate, on_start=on_start)
+        run = run_sharded(items, out, shard_size, inputs, process, validate=validate, on_start=on_start,
+                          fmt=section(params, "records")["format"])
     finally:
         if state["bar"] is not None:
             state["bar"].close()
-    records = [rec for path in run.paths for rec in read_jsonl(path)]
-    tokens = sum(len(r["response_ids"]) for r in records)
-    truncated = sum(r["finish_reason"] == "length" for r in records)
+    n_samples = tokens = truncated = 0
+    for path in run.paths:  # streamed: at scale the samples need not fit in memory
+        for _, rec in iter_records(path):
+            n_samples += 1
+            tokens += len(rec["response_ids"])
+            truncated += rec["finish_reason"] == "length"
     result = {
         "problems": len(items),
-        "samples": len(records),
+        "samples": n_samples,
         "tokens": tokens,
-        "truncated_fraction": truncated / len(records) if records else 0.0,
+        "truncated_fraction": truncated / n_samples if n_samples else 0.0,
         "shards": len(run.paths),
     }
     run_info = {
@@ -123,7 +127,7 @@ def main(params_path, problems, model_dir, out, metrics, progress):
     write_json(metrics, result)
     write_run_info(metrics, run_info)
     log.info("sample: %d problems x %d = %d samples, %d tokens (%d generated now, %.0f tok/s), "
-             "%d/%d shards resumed, truncated %.1f%%", len(items), sp.n, len(records), tokens, state["tokens"],
+             "%d/%d shards resumed, truncated %.1f%%", len(items), sp.n, n_samples, tokens, state["tokens"],
              run_info["tokens_per_s"], len(run.resumed), len(run.paths), 100 * result["truncated_fraction"])
 
 

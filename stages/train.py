@@ -1,4 +1,4 @@
-"""train: fine-tune the base model on data/train/<train.data>.jsonl with DeepSpeed ZeRO.
+"""train: fine-tune the base model on data/train/<train.data>.<records.format> with DeepSpeed ZeRO.
 
 Single process (no launcher; CPU: DS_ACCELERATOR=cpu + gloo):   python stages/train.py
 Data parallel:   torchrun --nproc_per_node N stages/train.py   or   deepspeed --num_gpus N stages/train.py
@@ -20,8 +20,9 @@ from drsft.train import data_file, train
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
 @click.option("--data-dir", default="data/train", show_default=True,
-              help="folder holding rewritten.jsonl and expert.jsonl (train.data picks one)")
-@click.option("--data", "data_path", default=None, help="a training jsonl overriding --data-dir/train.data")
+              help="folder holding the rewritten and expert training rows (train.data picks one)")
+@click.option("--data", "data_path", default=None,
+              help="a training records file (.jsonl or .parquet) overriding --data-dir/train.data")
 @click.option("--model", "model_dir", default="models/base", show_default=True)
 @click.option("--out", default="models/trained", show_default=True)
 @click.option("--checkpoints", default="models/checkpoints", show_default=True)
@@ -32,7 +33,7 @@ from drsft.train import data_file, train
 @click.pass_context
 @clear_errors
 def main(ctx, params_path, data_dir, data_path, model_dir, out, checkpoints, metrics, live_dir, max_steps):
-    """Fine-tune the base model on data/train/<train.data>.jsonl with train.loss (DeepSpeed ZeRO),
+    """Fine-tune the base model on data/train/<train.data>.<records.format> with train.loss (DeepSpeed ZeRO),
     resuming from the last checkpoint of the same run."""
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK is read from the environment instead.
     extra = [a for a in ctx.args if not a.startswith("--local_rank")]
@@ -42,7 +43,7 @@ def main(ctx, params_path, data_dir, data_path, model_dir, out, checkpoints, met
     cfg = section(params, "train")   # drsft.train leaves out `launcher` (dvc.yaml's, not the trainer's)
     trust = section(params, "model")["trust_remote_code"]
     preflight([out, checkpoints, metrics, live_dir], need_bytes=TRAIN_WEIGHT_FACTOR * weights_bytes(model_dir))
-    path = Path(data_path) if data_path else data_file(data_dir, cfg["data"])
+    path = Path(data_path) if data_path else data_file(data_dir, cfg["data"], section(params, "records")["format"])
     train(cfg, path, model_dir, out, checkpoints, metrics, live_dir=live_dir, trust_remote_code=trust,
           max_steps=max_steps)
 

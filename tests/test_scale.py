@@ -489,20 +489,22 @@ def test_local_inputs_must_lie_in_the_declared_inputs_folder():
     assert check(data) == []
 
 
-def test_scale_sim_runs_the_cpu_stages_on_well_formed_records(tmp_path):
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_scale_sim_runs_the_cpu_stages_on_well_formed_records(tmp_path, fmt):
     """bench/scale_sim.py at a tiny size: its synthetic records pass every reader's checks, each
     stage runs, and every problem reaches the training set (self_align or fallback)."""
     out = tmp_path / "sim.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scale_sim.py"), "--problems", "40", "--n", "3",
                            "--tokens", "30", "--shard-size", "15", "--max-length", "256", "--budget", "600",
-                           "--workdir", str(tmp_path / "w"), "--out", str(out)],
+                           "--format", fmt, "--workdir", str(tmp_path / "w"), "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1].startswith("records on disk: ")
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"records on disk ({fmt}): ")
+    assert {f.suffix for f in (tmp_path / "w" / "data" / "sample").iterdir()} == {f".{fmt}"}
+    assert (tmp_path / "w" / "data" / "train" / f"rewritten.{fmt}").exists()
     res = json.loads(out.read_text())
     assert res["samples"] == 120 and res["verify"]["samples"] == 120
     assert set(res["stages"]) == {"generate", "verify", "self_align", "fallback", "train_load"}
     assert res["self_align"]["solved"] + res["self_align"]["unsolved"] == 40
     assert res["train_load"]["rows"] == 40 and res["train_load"]["padding_share"] == 0.0
     assert 0 < res["records_gib"] < 0.01 and all(v["seconds"] >= 0 for v in res["stages"].values())
-    assert 0 < res["sample_shard_parquet_over_jsonl"] < 1

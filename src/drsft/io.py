@@ -1,11 +1,13 @@
 """Record I/O shared by every stage.
 
-All stage outputs are JSON Lines (one record per line, UTF-8) or JSON documents, written
+Stage outputs are JSON Lines (one record per line, UTF-8), JSON documents, or, for the records
+that carry per-token arrays when ``records.format`` is ``parquet``, Parquet files
+(:func:`write_records` / :func:`iter_records` choose by the file's suffix). Every file is written
 atomically: the content goes to a temporary file in the same folder, is fsynced, and is then
 renamed over the target, so a killed process never leaves a half-written file that DVC could
 cache. A write that fails (disk full, read-only or unwritable folder) removes its temporary file and
-raises :class:`WriteError` naming the target. Reading errors name the file, the 1-based line and,
-where it applies, the field.
+raises :class:`WriteError` naming the target. Reading errors name the file, the 1-based line (or
+Parquet row) and, where it applies, the field.
 
 The checked readers of the pipeline's own records (docs/records.md) live here too, one per record
 kind, so every stage that reads a kind checks it the same way: :func:`read_problems`,
@@ -24,7 +26,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -201,6 +203,87 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [rec for _, rec in iter_jsonl(path)]
 
 
+# --------------------------------------------------------------------------------------------------
+# Record files: JSON lines or Parquet, chosen by the file's suffix (params ``records.format``)
+
+RECORD_FORMATS = ("jsonl", "parquet")
+# Per-token arrays, stored in Parquet as list<int32> / list<float32> (docs/records.md).
+TOKEN_ID_FIELDS = ("response_ids",)
+LOGPROB_FIELDS = ("logprobs", "behaviour_logprobs", "plain_logprobs")
+
+
+def record_file(folder: str | os.PathLike, stem: str, fmt: str) -> Path:
+    """``folder/stem.<fmt>`` for a records format (``jsonl`` or ``parquet``)."""
+    if fmt not in RECORD_FORMATS:
+        raise ValueError(f"records format must be one of {', '.join(RECORD_FORMATS)}, got {fmt!r}")
+    return Path(folder) / f"{stem}.{fmt}"
+
+
+def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write records atomically as JSON lines, or as Parquet when ``path`` ends in ``.parquet``;
+    returns the number written. A file of the same name in the other records format is then
+    removed, so that a folder never holds two versions of one output."""
+    path = Path(path)
+    n = _write_parquet(path, records) if path.suffix == ".parquet" else write_jsonl(path, records)
+    for fmt in RECORD_FORMATS:
+        other = path.with_suffix(f".{fmt}")
+        if other != path and path.suffix[1:] in RECORD_FORMATS:
+            other.unlink(missing_ok=True)
+    return n
+
+
+def _write_parquet(path: Path, records: Iterable[dict]) -> int:
+    """One Parquet file (zstd), a column per field (sorted, as JSON lines sort keys); the per-token
+    fields as list<int32> / list<float32>, every other column typed by pyarrow from its values. A
+    field absent from a row is null there. Hand-written rather than ``Table.from_pylist``, which
+    takes the columns from the first row only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = list(records)
+    names = sorted({k for rec in rows for k in rec})
+    arrays = []
+    for name in names:
+        kind = (pa.list_(pa.int32()) if name in TOKEN_ID_FIELDS
+                else pa.list_(pa.float32()) if name in LOGPROB_FIELDS else None)
+        try:
+            arrays.append(pa.array([rec.get(name) for rec in rows], type=kind))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+            raise ValueError(f"{path}: field '{name}' cannot be stored as one Parquet column: {exc}") from None
+    table = pa.Table.from_arrays(arrays, names=names) if names else pa.table({})
+    with atomic_path(path, mode="wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+    return len(rows)
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(row_number, record)`` (1-based) of a JSON-lines file (:func:`iter_jsonl`) or, for a
+    ``.parquet`` file, of its rows in order, read a batch at a time. Errors name the file (and the
+    line or row)."""
+    path = Path(path)
+    if path.suffix != ".parquet":
+        yield from iter_jsonl(path)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise DataError(path, None, "file not found")
+    row = 0
+    try:
+        reader = pq.ParquetFile(path)
+        for batch in reader.iter_batches(batch_size=4096):
+            for rec in batch.to_pylist():
+                row += 1
+                yield row, rec
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(path, row + 1 if row else None, f"not a readable Parquet file: {exc}") from None
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    return [rec for _, rec in iter_records(path)]
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
@@ -240,7 +323,7 @@ def check_unique_ids(records: Sequence[tuple[int, dict]], path: str | os.PathLik
 FINISH_REASONS = ("stop", "length")
 VERDICT_REASONS = ("ok", "wrong", "no_answer", "timeout", "parse_error")  # == drsft.verify.REASONS (tested)
 TRAINING_TIERS = ("self", "guided", "fallback", "expert")
-SHARD_GLOB = "shard-*.jsonl"
+SHARD_GLOB = "shard-*.*"  # shard-00000.jsonl or shard-00000.parquet (drsft.shards)
 
 
 def _index(rec: dict, path, line) -> int:
@@ -283,7 +366,7 @@ def read_problems(path: str | os.PathLike) -> list[dict]:
     """Problem records (``id``, ``problem``, ``answer`` non-empty strings; ``solution``/``source``
     strings when present), ids unique, at least one row."""
     rows, seen = [], {}
-    for line, rec in iter_jsonl(path):
+    for line, rec in iter_records(path):
         pid = require(rec, "id", path, line)
         require(rec, "problem", path, line)
         require(rec, "answer", path, line)
@@ -301,8 +384,8 @@ def _shard_files(folder: Path) -> list[Path]:
     """The shard files of a sharded output folder; with a ``manifest.json`` (drsft.shards.run_sharded),
     exactly the shards it lists, so a run that did not finish is never read as complete."""
     if not folder.is_dir():
-        raise DataError(folder, None, "not found (a folder of shard-*.jsonl files): run the sample stage first")
-    files = sorted(folder.glob(SHARD_GLOB))
+        raise DataError(folder, None, "not found (a folder of shard files): run the sample stage first")
+    files = sorted(f for f in folder.glob(SHARD_GLOB) if f.suffix in (".jsonl", ".parquet"))
     manifest = folder / "manifest.json"
     if manifest.exists():
         doc = read_json(manifest)
@@ -319,25 +402,27 @@ def _shard_files(folder: Path) -> list[Path]:
             raise DataError(folder / extra[0], None, "is not in manifest.json: a stale shard of another run; "
                                                      "rerun the sample stage")
     if not files:
-        raise DataError(folder, None, f"no {SHARD_GLOB} files: run the sample stage first")
+        raise DataError(folder, None, "no shard-*.jsonl or shard-*.parquet files: run the sample stage first")
     return files
 
 
 def read_samples(folder: str | os.PathLike, problem_ids: Iterable[str] | None = None,
-                 fields: Sequence[str] | None = None) -> list[dict]:
+                 fields: Sequence[str] | None = None, full: Callable[[dict], bool] | None = None) -> list[dict]:
     """Sample records of every shard of ``folder`` in shard order, each field checked.
 
     ``problem_id``, ``prompt`` strings; ``sample_index`` an integer >= 0; ``response`` a string (may be
     empty); ``response_ids`` token ids; ``logprobs`` one finite log-prob per token; ``finish_reason``
     ``stop``/``length``. ``(problem_id, sample_index)`` is unique over all shards; with
     ``problem_ids``, every ``problem_id`` must be one of them. ``fields`` keeps only those fields of
-    each returned record (all are still checked).
+    each returned record (all are still checked). ``full``: records for which it is false keep only
+    ``problem_id``, ``sample_index`` and ``finish_reason`` (e.g. the incorrect samples, whose token
+    arrays self_align never uses: at scale they would not fit in memory).
     """
     folder = Path(folder)
     known = set(problem_ids) if problem_ids is not None else None
     out, seen = [], {}
     for f in _shard_files(folder):
-        for line, rec in iter_jsonl(f):
+        for line, rec in iter_records(f):
             pid = require(rec, "problem_id", f, line)
             idx = _index(rec, f, line)
             require(rec, "prompt", f, line)
@@ -350,8 +435,15 @@ def read_samples(folder: str | os.PathLike, problem_ids: Iterable[str] | None = 
             if known is not None and pid not in known:
                 raise DataError(f, line, f"unknown problem {pid!r} (not in the problems file)", "problem_id")
             _unique(seen, (pid, idx), f, line, "sample_index", "sample")
-            out.append({k: rec[k] for k in fields} if fields is not None else rec)
+            if full is not None and not full(rec):
+                rec = {k: rec[k] for k in _SAMPLE_KEYS}
+            elif fields is not None:
+                rec = {k: rec[k] for k in fields}
+            out.append(rec)
     return out
+
+
+_SAMPLE_KEYS = ("problem_id", "sample_index", "finish_reason")
 
 
 def read_verdicts(path: str | os.PathLike, samples: Iterable[tuple[str, int]] | None = None) -> list[dict]:
@@ -359,7 +451,7 @@ def read_verdicts(path: str | os.PathLike, samples: Iterable[tuple[str, int]] | 
     :data:`VERDICT_REASONS`, ``ok`` exactly when correct), ``extracted`` (string or null); one per
     ``(problem_id, sample_index)``. With ``samples`` (their keys), every sample has exactly one verdict."""
     rows, seen, lines = [], {}, {}
-    for line, rec in iter_jsonl(path):
+    for line, rec in iter_records(path):
         pid = require(rec, "problem_id", path, line)
         idx = _index(rec, path, line)
         lines[(pid, idx)] = line
@@ -391,7 +483,7 @@ def read_problem_ids(path: str | os.PathLike, known: Iterable[str] | None = None
     """The ``problem_id`` of each row (an unsolved list), unique; with ``known``, each one of them."""
     known = set(known) if known is not None else None
     ids, seen = [], {}
-    for line, rec in iter_jsonl(path):
+    for line, rec in iter_records(path):
         pid = require(rec, "problem_id", path, line)
         if known is not None and pid not in known:
             raise DataError(path, line, f"unknown problem {pid!r} (not in the problems file)", "problem_id")
@@ -436,7 +528,7 @@ def read_training_rows(path: str | os.PathLike, known: Iterable[str] | None = No
     ``problem_id`` must be one of them."""
     known = set(known) if known is not None else None
     rows, seen = [], {}
-    for line, rec in iter_jsonl(path):
+    for line, rec in iter_records(path):
         check_training_row(rec, path, line, seen)
         if known is not None and rec["problem_id"] not in known:
             raise DataError(path, line, f"unknown problem {rec['problem_id']!r} (not in the problems file)",

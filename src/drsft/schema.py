@@ -269,6 +269,10 @@ class RolloutSection(_Section):
     stop_token_ids: list[NonNegInt]    # extra ids to stop at (besides EOS ids and the end of turn)
 
 
+class RecordsSection(_Section):
+    format: Literal["jsonl", "parquet"]   # drsft.io.RECORD_FORMATS
+
+
 class SampleSection(_Section):
     n: PosInt
     temperature: Temperature
@@ -436,6 +440,7 @@ class Params(_Section):
     prompt: PromptSection
     prepare: PrepareSection
     rollout: RolloutSection
+    records: RecordsSection
     sample: SampleSection
     verify: VerifySection
     self_align: SelfAlignSection

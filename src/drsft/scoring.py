@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from drsft.io import read_jsonl
+from drsft.io import read_records
 from drsft.prompts import encode_prompt
-from drsft.shards import run_sharded
+from drsft.shards import items_in, run_sharded
 
 
 _FP32_CHUNK = 4096   # positions per transient fp32 copy of low-precision logits
@@ -130,10 +130,11 @@ def score_responses(model, tokenizer, prompts: Sequence[str], response_ids: Sequ
 
 def score_sharded(out_dir, shard_size: int, keys: Sequence[str], prompts: Sequence[str],
                   response_ids: Sequence[Sequence[int]], inputs: dict, load: Callable[[], tuple],
-                  batch_size: int, progress: bool = False, desc: str = "score") -> list[list[float]]:
+                  batch_size: int, progress: bool = False, desc: str = "score", fmt: str = "jsonl") -> list[list[float]]:
     """:func:`score_responses` over resumable shards of ``shard_size`` pairs (drsft.shards), in order.
 
-    A killed scoring run keeps its finished shards (records ``{"key", "logprobs"}`` in ``out_dir``);
+    A killed scoring run keeps its finished shards (records ``{"key", "logprobs"}`` in ``out_dir``, in
+    records format ``fmt``: Parquet stores the log-probs as float32);
     the rerun scores only the rest. ``keys`` name the pairs (unique strings, e.g. problem ids).
     ``load()`` returns ``(model, tokenizer)`` and is called only when some shard is left to score.
     ``inputs``: what determines the log-probs besides the pairs (the model's fingerprint, dtype); a
@@ -153,7 +154,7 @@ def score_sharded(out_dir, shard_size: int, keys: Sequence[str], prompts: Sequen
             if progress:
                 from tqdm.auto import tqdm
 
-                n = sum(len(items[i * shard_size:(i + 1) * shard_size]) for i in todo)
+                n = items_in(todo, len(items), shard_size)
                 state["bar"] = tqdm(total=n, desc=desc, unit="seq", dynamic_ncols=True)
 
     def process(chunk):
@@ -175,8 +176,8 @@ def score_sharded(out_dir, shard_size: int, keys: Sequence[str], prompts: Sequen
 
     try:
         run = run_sharded(items, out_dir, shard_size, {**inputs, "pairs_sha256": h.hexdigest()}, process,
-                          validate=validate, on_start=on_start)
+                          validate=validate, on_start=on_start, fmt=fmt)
     finally:
         if state["bar"] is not None:
             state["bar"].close()
-    return [rec["logprobs"] for path in run.paths for rec in read_jsonl(path)]
+    return [rec["logprobs"] for path in run.paths for rec in read_records(path)]

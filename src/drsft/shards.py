@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from drsft.fingerprint import fingerprint
-from drsft.io import DataError, read_json, read_jsonl, write_json, write_jsonl
+from drsft.io import RECORD_FORMATS, DataError, read_json, read_records, write_json, write_records
 
 log = logging.getLogger("drsft.shards")
-
 
 
 @dataclass
@@ -37,16 +36,27 @@ class ShardRun:
 
 
 MANIFEST = "manifest.json"
-_SHARD_GLOB = "shard-*.jsonl"
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.jsonl"
+def shard_name(index: int, fmt: str = "jsonl") -> str:
+    """``shard-00000.jsonl`` (or ``.parquet``): the file of shard ``index`` in records format ``fmt``."""
+    if fmt not in RECORD_FORMATS:
+        raise ValueError(f"records format must be one of {', '.join(RECORD_FORMATS)}, got {fmt!r}")
+    return f"shard-{index:05d}.{fmt}"
+
+
+def items_in(shards: Sequence[int], n_items: int, shard_size: int) -> int:
+    """How many of ``n_items`` items the shards ``shards`` hold (e.g. the work left, for a progress bar)."""
+    return sum(max(0, min(n_items, (i + 1) * shard_size) - i * shard_size) for i in shards)
+
+
+def _shards(out: Path) -> list[Path]:
+    return [f for f in out.glob("shard-*.*") if f.suffix[1:] in RECORD_FORMATS]
 
 
 def _clean(out: Path, keep: int | None) -> None:
     """Delete shard files (all, or those with index >= keep) and temp files of killed writes."""
-    for f in out.glob(_SHARD_GLOB):
+    for f in _shards(out):
         try:
             idx = int(f.stem.split("-", 1)[1])
         except ValueError:
@@ -57,11 +67,16 @@ def _clean(out: Path, keep: int | None) -> None:
         f.unlink()
 
 
+def _chunk(items: Sequence[Any], index: int, shard_size: int) -> list[Any]:
+    return list(items[index * shard_size:(index + 1) * shard_size])
+
+
 def run_sharded(items: Sequence[Any], out_dir: str | os.PathLike, shard_size: int, inputs: Any,
                 process: Callable[[list[Any]], list[dict]],
                 validate: Callable[[list[Any], list[dict]], None] | None = None,
-                on_start: Callable[[list[int], list[int]], None] | None = None) -> ShardRun:
-    """Turn ``items`` into records in ``out_dir/shard-00000.jsonl``, ..., resumably.
+                on_start: Callable[[list[int], list[int]], None] | None = None, fmt: str = "jsonl") -> ShardRun:
+    """Turn ``items`` into records in ``out_dir/shard-00000.jsonl``, ..., resumably (``.parquet``
+    files with ``fmt="parquet"``: :func:`drsft.io.write_records`).
 
     Shard ``i`` holds ``process(items[i*shard_size:(i+1)*shard_size])``, written atomically.
     ``inputs`` is anything JSON-serialisable that determines the output (params, input file
@@ -79,15 +94,16 @@ def run_sharded(items: Sequence[Any], out_dir: str | os.PathLike, shard_size: in
     out.mkdir(parents=True, exist_ok=True)
     n_shards = (len(items) + shard_size - 1) // shard_size
     manifest = {"fingerprint": fingerprint(inputs), "inputs": inputs, "shard_size": int(shard_size),
-                "n_items": len(items), "n_shards": n_shards, "shards": [shard_name(i) for i in range(n_shards)]}
+                "n_items": len(items), "n_shards": n_shards, "shards": [shard_name(i, fmt) for i in range(n_shards)]}
     manifest_path = out / MANIFEST
     old = None
     if manifest_path.exists():
         with contextlib.suppress(DataError):
             old = read_json(manifest_path)
-    same = isinstance(old, dict) and all(old.get(k) == manifest[k] for k in ("fingerprint", "shard_size", "n_items"))
+    same = isinstance(old, dict) and all(old.get(k) == manifest[k]
+                                         for k in ("fingerprint", "shard_size", "n_items", "shards"))
     if not same:
-        if any(out.glob(_SHARD_GLOB)):
+        if _shards(out):
             log.info("%s: inputs changed since the last run (or no manifest): deleting old shards", out)
         _clean(out, keep=None)
     else:
@@ -96,12 +112,12 @@ def run_sharded(items: Sequence[Any], out_dir: str | os.PathLike, shard_size: in
 
     paths, resumed, todo = [], [], []
     for i in range(n_shards):
-        path = out / shard_name(i)
+        path = out / shard_name(i, fmt)
         paths.append(path)
-        chunk = list(items[i * shard_size:(i + 1) * shard_size])
+        chunk = _chunk(items, i, shard_size)
         if path.exists():
             try:
-                records = read_jsonl(path)
+                records = read_records(path)
                 if validate is not None:
                     validate(chunk, records)
                 resumed.append(i)
@@ -117,7 +133,7 @@ def run_sharded(items: Sequence[Any], out_dir: str | os.PathLike, shard_size: in
 
     written, seconds = 0, 0.0
     for i in todo:
-        chunk = list(items[i * shard_size:(i + 1) * shard_size])
+        chunk = _chunk(items, i, shard_size)
         t0 = time.perf_counter()
         records = process(chunk)
         seconds += time.perf_counter() - t0
@@ -126,6 +142,6 @@ def run_sharded(items: Sequence[Any], out_dir: str | os.PathLike, shard_size: in
                 validate(chunk, records)
             except ValueError as exc:
                 raise RuntimeError(f"{paths[i]}: process() returned invalid records: {exc}") from exc
-        written += write_jsonl(paths[i], records)
+        written += write_records(paths[i], records)
         log.info("%s: wrote %s (%d records)", out, paths[i].name, len(records))
     return ShardRun(paths=paths, resumed=resumed, generated=todo, records_written=written, seconds=seconds)

@@ -82,7 +82,8 @@ from pathlib import Path
 from typing import Any
 
 from drsft.fingerprint import file_sha256, fingerprint, model_fingerprint
-from drsft.io import DataError, atomic_path, check_duplicate_row, iter_jsonl, require, write_json, write_run_info
+from drsft.io import (DataError, atomic_path, check_duplicate_row, iter_records, record_file, require, write_json,
+                      write_run_info)
 from drsft.params import ParamsError
 
 log = logging.getLogger("drsft.train")
@@ -208,7 +209,7 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_siz
     examples: list[Example] = []
     cache: dict[str, list[int]] = {}
     seen: dict = {}
-    for line, rec in iter_jsonl(path):
+    for line, rec in iter_records(path):
         stats.rows += 1
         pid = require(rec, "problem_id", path, line)
         tier = require(rec, "tier", path, line)
@@ -953,11 +954,11 @@ def _summary(run: _Run, state: dict, dstats: DataStats) -> dict:
     }
 
 
-def data_file(data_dir: str | os.PathLike, kind: str) -> Path:
-    """``data/train/<kind>.jsonl`` for ``train.data``."""
+def data_file(data_dir: str | os.PathLike, kind: str, fmt: str = "jsonl") -> Path:
+    """``data/train/<kind>.<fmt>`` for ``train.data`` and ``records.format``."""
     if kind not in DATA_KINDS:
         raise ParamsError(f"params.yaml: train.data = {kind!r}: expected one of {', '.join(DATA_KINDS)}")
-    return Path(data_dir) / f"{kind}.jsonl"
+    return record_file(data_dir, kind, fmt)
 
 
 __all__ = ["TIERS", "Example", "DataStats", "validate_config", "accumulation_steps", "deepspeed_config",
