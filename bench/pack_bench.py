@@ -138,7 +138,7 @@ def main(rows, max_length, micro_batch, global_batch, budget, vocab, hidden, lay
                 "lr": 1e-4, "epochs": 1, "micro_batch_size": micro_batch, "global_batch_size": global_batch,
                 "max_length": max_length, "warmup_ratio": 0.1, "weight_decay": 0.0, "adam_betas": [0.9, 0.999],
                 "grad_clip": 1.0, "gradient_checkpointing": False, "save_every": 10 ** 6, "seed": seed,
-                "packing": False, "batching": "rows", "max_tokens_per_micro_batch": max(budget, max_length)}
+                "packing": False, "attn_implementation": "auto", "batching": "rows", "max_tokens_per_micro_batch": max(budget, max_length)}
         modes = {"padded": base, "packed": {**base, "packing": True},
                  "packed+tokens": {**base, "packing": True, "batching": "tokens"}}
         res = {}

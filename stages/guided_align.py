@@ -111,9 +111,7 @@ def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, 
     guided_prompt = {p["id"]: render_prompt(tok, p["problem"], prompt_cfg, hint=p["solution"]) for p in todo}
     # guided_align.n 0 is the tier ablation: no re-solving, every unsolved problem falls back.
     generate = int(cfg["n"]) > 0
-    sp = SamplingParams(n=int(cfg["n"]), temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
-                        max_new_tokens=int(cfg["max_new_tokens"]), seed=seed,
-                        batch_size=int(roll["batch_size"])) if generate else None  # used only when generating
+    sp = SamplingParams.from_params(cfg, roll["batch_size"]) if generate else None  # used only when generating
     # What determines the shards' content (run_sharded deletes shards of any other fingerprint).
     inputs = {"guided_align": {k: cfg[k] for k in GENERATION_KEYS}, "rollout": policy_identity(roll), "prompt": prompt_cfg,
               "trust_remote_code": trust, "model": model_fingerprint(model_dir), "device": compute_device(),

@@ -38,10 +38,7 @@ def load_problems(path) -> list[dict]:
 
 def sampling_params(cfg: dict, roll: dict) -> SamplingParams:
     try:
-        sp = SamplingParams(n=int(cfg["n"]), temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
-                            max_new_tokens=int(cfg["max_new_tokens"]), seed=int(cfg["seed"]),
-                            batch_size=int(roll["batch_size"]))
-        sp.validate()
+        sp = SamplingParams.from_params(cfg, roll["batch_size"])
     except (TypeError, ValueError) as exc:
         raise ParamsError(f"params.yaml: sample/rollout: {exc}") from None
     return sp

@@ -72,6 +72,14 @@ def test_records_that_parquet_cannot_hold_are_refused_naming_the_field(tmp_path)
     assert not (tmp_path / "x.parquet").exists()
 
 
+def test_parquet_stores_a_lone_surrogate_as_its_escape_and_empty_outputs(tmp_path):
+    path = tmp_path / "resolves.parquet"
+    write_records(path, [{**ROWS[0], "response": "x \udcff y"}])   # broken model output
+    assert read_records(path)[0]["response"] == "x \\udcff y"
+    write_records(path, [])                                        # guided_align.n 0: empty outputs
+    assert read_records(path) == [] and read_training_rows(path) == []
+
+
 def test_a_bad_parquet_row_is_named_by_file_row_and_field(tmp_path):
     path = tmp_path / "rewritten.parquet"
     write_records(path, [ROWS[0], {**ROWS[1], "plain_logprobs": [-1.0, -2.0]}])

@@ -419,3 +419,15 @@ def test_vllm_request_carries_every_stop_id(turn_model_dir, monkeypatch):
     ids = set(seen["sps"][0].stop_token_ids)
     assert {tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id, 42} <= ids
     assert set(gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]) <= ids
+
+
+def test_sampling_params_from_a_params_section():
+    from drsft.rollout import SamplingParams
+
+    cfg = {"n": 4, "temperature": 1, "top_p": 0.95, "max_new_tokens": 192, "seed": 3, "shard_size": 50}
+    sp = SamplingParams.from_params(cfg, 256)
+    assert sp == SamplingParams(n=4, temperature=1.0, top_p=0.95, max_new_tokens=192, seed=3, batch_size=256)
+    assert isinstance(sp.temperature, float)
+    assert SamplingParams.from_params(cfg, 8, n=2, seed=7) == SamplingParams(2, 1.0, 0.95, 192, 7, 8)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams.from_params({**cfg, "top_p": 0}, 8)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from drsft.io import DataError, read_json, write_jsonl
 from drsft.params import ParamsError
@@ -33,7 +34,7 @@ TRAIN_CFG = {
     "data": "rewritten", "loss": "is", "is_clip": [0.0, 2.0], "is_level": "token", "zero_stage": 2,
     "lr": 3.0e-3, "epochs": 1, "micro_batch_size": 3, "global_batch_size": 12, "max_length": 96,
     "warmup_ratio": 0.25, "weight_decay": 0.01, "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "save_every": 2,
-    "seed": 0, "gradient_checkpointing": False, "packing": False, "batching": "rows",
+    "seed": 0, "gradient_checkpointing": False, "packing": False, "attn_implementation": "auto", "batching": "rows",
     "max_tokens_per_micro_batch": 4096,
 }
 N_ROWS = 40          # 4 optimizer steps of 12, 12, 12, 4 rows: the last global batch is short
@@ -535,3 +536,51 @@ print("RESULT" + json.dumps(out))
     w = res["is_dft"]["weights"]
     assert w["self"]["weight_max"] <= 2.0 + 1e-6 and w["expert"]["clip_frac"] is None
     assert w["self"]["clip_frac"] is not None and w["self"]["rows"] == N_ROWS // 4
+
+
+def test_attention_implementation_auto_picks_flash_attention_for_packed_gpu_runs(monkeypatch):
+    import importlib.util
+
+    from drsft.params import ParamsError
+    from drsft.train import attention_implementation
+
+    real = importlib.util.find_spec
+
+    def spec(has_fa):
+        return lambda name, *a: (object() if has_fa else None) if name == "flash_attn" else real(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", spec(True))
+    assert attention_implementation("auto", True, True) == "flash_attention_2"
+    assert attention_implementation("auto", True, False) is None       # padded rows: SDPA
+    assert attention_implementation("auto", False, True) is None       # CPU
+    assert attention_implementation("flash_attention_2", True, False) == "flash_attention_2"
+    assert attention_implementation("sdpa", True, True) == "sdpa" and attention_implementation("eager", False, True) == "eager"
+    monkeypatch.setattr(importlib.util, "find_spec", spec(False))
+    assert attention_implementation("auto", True, True) is None
+    with pytest.raises(ParamsError, match="flash-attn package"):
+        attention_implementation("flash_attention_2", True, True)
+    with pytest.raises(ParamsError, match="CUDA GPU"):
+        attention_implementation("flash_attention_2", False, True)
+
+
+def test_the_engine_loads_the_model_with_the_chosen_attention(monkeypatch, tiny_model_dir):
+    import transformers
+
+    from drsft import train as T
+
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake(path, **kwargs):
+        seen.clear()
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(fake))
+    cfg = T.validate_config(yaml.safe_load((ROOT / "params.yaml").read_text())["train"])
+    for choice, expected in (("eager", "eager"), ("sdpa", "sdpa"), ("auto", None)):
+        with pytest.raises(Loaded):
+            T._build_engine({**cfg, "attn_implementation": choice, "packing": True}, {}, str(tiny_model_dir), False, 10)
+        assert seen.get("attn_implementation") == expected

@@ -43,9 +43,7 @@ def generation_rows(backend, problems: Sequence[Mapping], prompt_cfg: Mapping, c
     k = int(cfg["k"])
     runs = []
     if k > 0:
-        runs.append(("sample", SamplingParams(n=k, temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
-                                              max_new_tokens=int(cfg["max_new_tokens"]), seed=int(cfg["seed"]),
-                                              batch_size=batch_size)))
+        runs.append(("sample", SamplingParams.from_params(cfg, batch_size, n=k)))
     if cfg.get("greedy", True):
         runs.append(("greedy", SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=int(cfg["max_new_tokens"]),
                                               seed=int(cfg["seed"]), batch_size=batch_size)))

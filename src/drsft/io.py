@@ -246,14 +246,30 @@ def _write_parquet(path: Path, records: Iterable[dict]) -> int:
     for name in names:
         kind = (pa.list_(pa.int32()) if name in TOKEN_ID_FIELDS
                 else pa.list_(pa.float32()) if name in LOGPROB_FIELDS else None)
+        values = [rec.get(name) for rec in rows]
         try:
-            arrays.append(pa.array([rec.get(name) for rec in rows], type=kind))
+            try:
+                arrays.append(pa.array(values, type=kind))
+            except UnicodeEncodeError:  # a lone surrogate (broken model output) is not UTF-8
+                arrays.append(pa.array(_escape_surrogates(values), type=kind))
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
             raise ValueError(f"{path}: field '{name}' cannot be stored as one Parquet column: {exc}") from None
     table = pa.Table.from_arrays(arrays, names=names) if names else pa.table({})
     with atomic_path(path, mode="wb") as fh:
         pq.write_table(table, fh, compression="zstd")
     return len(rows)
+
+
+def _escape_surrogates(value: Any) -> Any:
+    """Strings with lone surrogates written as their escapes (``"\\udcff"``, the text a JSON-lines
+    file holds for them); Parquet strings must be valid UTF-8."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [_escape_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _escape_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:

@@ -371,6 +371,7 @@ class TrainSection(_Section):
     grad_clip: NonNegNum               # 0 = off
     gradient_checkpointing: Bool
     packing: Bool                      # a micro-batch's rows as one padding-free packed sequence
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"]   # drsft.train.attention_implementation
     batching: Literal["rows", "tokens"]  # micro-batches of micro_batch_size rows, or by token budget
     max_tokens_per_micro_batch: PosInt   # batching: tokens -- the budget (packed: sum of lengths)
     save_every: PosInt

@@ -118,6 +118,27 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return c
 
 
+def attention_implementation(choice: str, on_gpu: bool, packing: bool) -> str | None:
+    """The ``attn_implementation`` the trainer loads the model with (``train.attn_implementation``);
+    None is transformers' default (SDPA).
+
+    ``auto``: ``flash_attention_2`` for packed micro-batches on a GPU when the flash-attn package is
+    installed (its variable-length kernel runs each packed row on its own, where SDPA applies a
+    block-diagonal mask over the whole pack), else the default. ``flash_attention_2`` asked for
+    explicitly without a GPU or without flash-attn is a :class:`ParamsError`, raised before the
+    model is loaded."""
+    import importlib.util
+
+    has_fa = importlib.util.find_spec("flash_attn") is not None
+    if choice == "auto":
+        return "flash_attention_2" if on_gpu and packing and has_fa else None
+    if choice == "flash_attention_2" and not (on_gpu and has_fa):
+        need = "a CUDA GPU" if not on_gpu else "the flash-attn package (pip install flash-attn --no-build-isolation)"
+        raise ParamsError(f"params.yaml: train.attn_implementation: flash_attention_2 needs {need}; "
+                          "use auto or sdpa")
+    return choice
+
+
 def build_optimizer(model, cfg: Mapping[str, Any]):
     """AdamW at ``train.lr`` with ``train.adam_betas``; weight decay on the matrices only (not on
     norms and biases)."""
@@ -650,7 +671,9 @@ def _build_engine(cfg: Mapping[str, Any], ds_cfg: dict, resolved: str, on_gpu: b
         # Partition the weights while loading (zero.Init); must stay alive until initialize.
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841
-    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+    attn = attention_implementation(cfg["attn_implementation"], on_gpu, cfg["packing"])
+    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 **({"attn_implementation": attn} if attn else {}))
     model.config.use_cache = False
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
@@ -825,6 +848,7 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # Fail on a batch size that does not divide before starting any process group.
     deepspeed_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu)
+    attention_implementation(cfg["attn_implementation"], on_gpu, cfg["packing"])  # a bad choice fails here
     if on_gpu:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist = _init_distributed(on_gpu)
@@ -963,4 +987,5 @@ def data_file(data_dir: str | os.PathLike, kind: str, fmt: str = "jsonl") -> Pat
 
 __all__ = ["TIERS", "Example", "DataStats", "validate_config", "accumulation_steps", "deepspeed_config",
            "lr_factor", "warmup_steps_for", "load_examples", "batch_plan", "micro_slots", "collate",
-           "run_fingerprint", "setup_environment", "weight_summary", "train", "data_file", "build_optimizer"]
+           "run_fingerprint", "setup_environment", "weight_summary", "train", "data_file", "build_optimizer",
+           "attention_implementation"]

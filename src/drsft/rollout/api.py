@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,18 @@ class SamplingParams:
     max_new_tokens: int = 256
     seed: int = 0
     batch_size: int = 64
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any], batch_size: int, n: int | None = None,
+                    seed: int | None = None) -> SamplingParams:
+        """The decoding keys that ``sample``, ``guided_align``, ``evaluate`` and ``prepare.probe``
+        share (``temperature``, ``top_p``, ``max_new_tokens``, ``seed``; ``n`` unless given, e.g.
+        evaluate's ``k``), validated."""
+        sp = cls(n=int(section["n"] if n is None else n), temperature=float(section["temperature"]),
+                 top_p=float(section["top_p"]), max_new_tokens=int(section["max_new_tokens"]),
+                 seed=int(section["seed"] if seed is None else seed), batch_size=int(batch_size))
+        sp.validate()
+        return sp
 
     def validate(self) -> None:
         if int(self.n) < 1:

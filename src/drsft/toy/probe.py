@@ -96,8 +96,7 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
     backend = make_backend(str(c["backend"]), str(model_dir), trust_remote_code=trust_remote_code)
 
     def sampling(seed: int) -> SamplingParams:
-        return SamplingParams(n=n, temperature=float(c["temperature"]), top_p=float(c["top_p"]),
-                              max_new_tokens=int(c["max_new_tokens"]), seed=seed, batch_size=int(c["batch_size"]))
+        return SamplingParams.from_params(c, int(c["batch_size"]), seed=seed)
 
     def run(prompts: list[str], items: list[Mapping], seed: int):
         """The completions and verdicts per prompt, through the pipeline's one generate-and-verify path."""
