@@ -49,19 +49,33 @@ def run(cmd, cwd, env) -> str:
     return proc.stdout + proc.stderr
 
 
-def expand_stages(dvc_yaml: Mapping) -> dict[str, dict]:
+def expand_stages(dvc_yaml: Mapping, params: Mapping | None = None) -> dict[str, dict]:
     """Every stage of a parsed dvc.yaml by its DVC name: a ``foreach`` entry becomes ``name@key``
-    with its ``${item.*}`` filled in (as ``dvc stage list`` names them)."""
+    with its ``${item.*}`` filled in (as ``dvc stage list`` names them); with ``params`` (a parsed
+    params.yaml) every ``${dotted.key}`` too, as DVC interpolates them."""
+    def fill(text: str) -> str:
+        if params is None:
+            return text
+
+        def value(m):
+            node = params
+            for part in m.group(1).split("."):
+                node = node[part]
+            return str(node)
+
+        return re.sub(r"\$\{([A-Za-z_][\w.]*)\}", lambda m: m.group(0) if m.group(1).startswith("item.")
+                      else value(m), text)
+
     out = {}
     for name, stage in dvc_yaml["stages"].items():
         if "foreach" not in stage:
-            out[name] = stage
+            out[name] = yaml.safe_load(fill(yaml.safe_dump(stage)))
             continue
         for key, item in stage["foreach"].items():
             text = yaml.safe_dump(stage["do"])
             for field, value in item.items():
                 text = text.replace("${item.%s}" % field, str(value))
-            out[f"{name}@{key}"] = yaml.safe_load(text)
+            out[f"{name}@{key}"] = yaml.safe_load(fill(text))
     return out
 
 

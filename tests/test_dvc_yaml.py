@@ -56,7 +56,7 @@ def transitive_code(script: Path) -> set[str]:
 
 
 def _stages():
-    return expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
+    return expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()), yaml.safe_load((ROOT / "params.yaml").read_text()))
 
 
 def _dep_paths(stage):

@@ -36,7 +36,7 @@ def first_repro(repo):
 
 def test_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     dst, _ = repo
-    stages = expand_stages(yaml.safe_load((dst / "dvc.yaml").read_text()))
+    stages = expand_stages(yaml.safe_load((dst / "dvc.yaml").read_text()), yaml.safe_load((dst / "params.yaml").read_text()))
     assert _ran_stages(first_repro) == set(stages)
     for name, stage in stages.items():
         for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):

@@ -105,6 +105,17 @@ def _greedy_n(n: int | None, temperature: float | None, n_key: str) -> None:
 # Sections
 
 
+class Decoding(_Section):
+    """The decoding keys that ``sample``, ``guided_align``, ``evaluate`` and ``prepare.probe`` share
+    (drsft.rollout.SamplingParams.from_params). Subclasses add their own count of samples (``n``,
+    or evaluate's ``k``), validated after these, so a greedy check on it sees the temperature."""
+
+    temperature: Temperature
+    top_p: TopP
+    max_new_tokens: PosInt
+    seed: Seed
+
+
 class ModelSection(_Section):
     base: NonEmptyStr                  # "toy" | a hub id | a local path
     trust_remote_code: Bool
@@ -177,17 +188,13 @@ class PretrainSection(_Section):
         return value
 
 
-class ProbeSection(_Section):
+class ProbeSection(Decoding):
     """drsft.toy.probe.probe_world config plus the verifier settings the stage passes it."""
 
     enabled: AutoBool                  # auto: only for model.base toy
     n_problems: PosInt
     n: PosInt
-    temperature: Temperature
-    top_p: TopP
-    max_new_tokens: PosInt
     batch_size: PosInt
-    seed: Seed
     backend: Backend
     solve_rate_min: Fraction
     solve_rate_max: Fraction
@@ -200,10 +207,10 @@ class ProbeSection(_Section):
     verify_workers: NonNegInt
     verify_timeout_s: PosNum
 
-    @field_validator("temperature")
+    @field_validator("n")
     @classmethod
-    def _greedy(cls, value: float, info: ValidationInfo) -> float:
-        _greedy_n(info.data.get("n"), value, "prepare.probe.n")
+    def _greedy(cls, value: int, info: ValidationInfo) -> int:
+        _greedy_n(value, info.data.get("temperature"), "prepare.probe.n")
         return value
 
     @field_validator("solve_rate_max", "gap_ratio_max")
@@ -273,18 +280,14 @@ class RecordsSection(_Section):
     format: Literal["jsonl", "parquet"]   # drsft.io.RECORD_FORMATS
 
 
-class SampleSection(_Section):
+class SampleSection(Decoding):
     n: PosInt
-    temperature: Temperature
-    top_p: TopP
-    max_new_tokens: PosInt
     shard_size: PosInt
-    seed: Seed
 
-    @field_validator("temperature")
+    @field_validator("n")
     @classmethod
-    def _greedy(cls, value: float, info: ValidationInfo) -> float:
-        _greedy_n(info.data.get("n"), value, "sample.n")
+    def _greedy(cls, value: int, info: ValidationInfo) -> int:
+        _greedy_n(value, info.data.get("temperature"), "sample.n")
         return value
 
 
@@ -300,12 +303,8 @@ class SelfAlignSection(_Section):
     seed: Seed
 
 
-class GuidedAlignSection(_Section):
+class GuidedAlignSection(Decoding):
     n: NonNegInt                       # 0 = no guided re-solving (the tier ablation)
-    temperature: Temperature
-    top_p: TopP
-    max_new_tokens: PosInt
-    seed: Seed
     keep_per_problem: PosInt
     rule: Rule
     max_shared_ngram: NonNegInt        # 0 = no copy check
@@ -314,10 +313,10 @@ class GuidedAlignSection(_Section):
     shard_size: PosInt                 # problems per generation shard (the unit of resume)
     score_shard_size: PosInt           # chosen re-solves per scoring shard (the unit of resume)
 
-    @field_validator("temperature")
+    @field_validator("n")
     @classmethod
-    def _greedy(cls, value: float, info: ValidationInfo) -> float:
-        _greedy_n(info.data.get("n"), value, "guided_align.n")
+    def _greedy(cls, value: int, info: ValidationInfo) -> int:
+        _greedy_n(value, info.data.get("temperature"), "guided_align.n")
         return value
 
     @field_validator("leak_phrases")
@@ -403,14 +402,10 @@ class TrainSection(_Section):
         return value
 
 
-class EvaluateSection(_Section):
+class EvaluateSection(Decoding):
     benchmarks: Annotated[list[NonEmptyStr], Field(min_length=1)]
     k: PosInt
-    temperature: Temperature
-    top_p: TopP
-    max_new_tokens: PosInt
     greedy: Bool                       # also a greedy (temperature 0) pass
-    seed: Seed
     n_boot: Annotated[int, Strict(), Field(ge=100)]   # bootstrap resamples of the 95 % intervals
     shard_size: PosInt                 # problems per evaluation shard (the unit of resume)
 
@@ -666,4 +661,4 @@ def check_section(name: str, data: Any) -> list[tuple[str, str]]:
     return []
 
 
-__all__ = ["Params", "check", "check_section", "cross_section_problems", "prepared_benchmarks"]
+__all__ = ["Params", "Decoding", "check", "check_section", "cross_section_problems", "prepared_benchmarks"]

@@ -94,7 +94,8 @@ def _explain(rel: str, a: bytes, b: bytes) -> str:
 def test_two_runs_from_scratch_are_byte_identical(tmp_path):
     dst = tmp_path / "repo"
     env = copy_repo(dst, TINY)
-    dvc_yaml = {"stages": expand_stages(yaml.safe_load((dst / "dvc.yaml").read_text()))}
+    dvc_yaml = {"stages": expand_stages(yaml.safe_load((dst / "dvc.yaml").read_text()),
+                                        yaml.safe_load((dst / "params.yaml").read_text()))}
     uncached = _uncached(dvc_yaml)
 
     first = run([DVC, "repro"], dst, env)

@@ -140,7 +140,11 @@ BAD = [
     ("launcher_empty", lambda d: d["train"].update(launcher=""), "train.launcher", "must not be empty"),
     ("subsample_zero", lambda d: d["prepare"]["files"]["train"].update(subsample=0),
      "prepare.files.train.subsample", "must be >= 1"),
-    ("greedy_sampling_n", lambda d: d["sample"].update(temperature=0, n=4), "sample.temperature",
+    ("greedy_sampling_n", lambda d: d["sample"].update(temperature=0, n=4), "sample.n",
+     "greedy decoding"),
+    ("greedy_guided_n", lambda d: d["guided_align"].update(temperature=0, n=2), "guided_align.n",
+     "greedy decoding"),
+    ("greedy_probe_n", lambda d: d["prepare"]["probe"].update(temperature=0, n=4), "prepare.probe.n",
      "greedy decoding"),
     ("greedy_twice", lambda d: d["evaluate"].update(temperature=0, k=1, greedy=True), "evaluate.greedy",
      "would repeat it"),
@@ -237,8 +241,8 @@ def test_stage_stops_before_any_work_with_one_line_per_problem(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = [line.removeprefix("Error: ") for line in proc.stderr.strip().splitlines()]
-    assert lines == [(f"{params}: sample.nn: unknown key (did you mean 'n'? allowed: n, temperature, top_p, "
-                      "max_new_tokens, shard_size, seed)"),
+    assert lines == [(f"{params}: sample.nn: unknown key (did you mean 'n'? allowed: temperature, top_p, "
+                      "max_new_tokens, seed, n, shard_size)"),
                      f"{params}: verify.workers: must be an integer (got 'two')",
                      f"{params}: train.zero_stage: must be <= 3 (got 5)"], proc.stderr
     assert not out.parent.exists() and not metrics.parent.exists()   # nothing read, nothing written
