@@ -581,6 +581,8 @@ def test_the_engine_loads_the_model_with_the_chosen_attention(monkeypatch, tiny_
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(fake))
     cfg = T.validate_config(yaml.safe_load((ROOT / "params.yaml").read_text())["train"])
     for choice, expected in (("eager", "eager"), ("sdpa", "sdpa"), ("auto", None)):
+        run_cfg = {**cfg, "attn_implementation": choice, "packing": True}
+        attn = T.attention_implementation(choice, False, True)
         with pytest.raises(Loaded):
-            T._build_engine({**cfg, "attn_implementation": choice, "packing": True}, {}, str(tiny_model_dir), False, 10)
+            T._build_engine(run_cfg, {}, str(tiny_model_dir), False, 10, attn=attn)
         assert seen.get("attn_implementation") == expected

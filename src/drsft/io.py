@@ -225,10 +225,10 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
     removed, so that a folder never holds two versions of one output."""
     path = Path(path)
     n = _write_parquet(path, records) if path.suffix == ".parquet" else write_jsonl(path, records)
-    for fmt in RECORD_FORMATS:
-        other = path.with_suffix(f".{fmt}")
-        if other != path and path.suffix[1:] in RECORD_FORMATS:
-            other.unlink(missing_ok=True)
+    if path.suffix[1:] in RECORD_FORMATS:
+        for fmt in RECORD_FORMATS:
+            if fmt != path.suffix[1:]:
+                path.with_suffix(f".{fmt}").unlink(missing_ok=True)
     return n
 
 
@@ -339,7 +339,7 @@ def check_unique_ids(records: Sequence[tuple[int, dict]], path: str | os.PathLik
 FINISH_REASONS = ("stop", "length")
 VERDICT_REASONS = ("ok", "wrong", "no_answer", "timeout", "parse_error")  # == drsft.verify.REASONS (tested)
 TRAINING_TIERS = ("self", "guided", "fallback", "expert")
-SHARD_GLOB = "shard-*.*"  # shard-00000.jsonl or shard-00000.parquet (drsft.shards)
+_SAMPLE_KEYS = ("problem_id", "sample_index", "finish_reason")  # what read_samples keeps of a sample not wanted whole
 
 
 def _index(rec: dict, path, line) -> int:
@@ -396,12 +396,17 @@ def read_problems(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def shard_files(folder: Path) -> list[Path]:
+    """The files ``shard-*.jsonl`` / ``shard-*.parquet`` in ``folder``, sorted (drsft.shards writes them)."""
+    return sorted(f for f in folder.glob("shard-*.*") if f.suffix[1:] in RECORD_FORMATS)
+
+
 def _shard_files(folder: Path) -> list[Path]:
     """The shard files of a sharded output folder; with a ``manifest.json`` (drsft.shards.run_sharded),
     exactly the shards it lists, so a run that did not finish is never read as complete."""
     if not folder.is_dir():
         raise DataError(folder, None, "not found (a folder of shard files): run the sample stage first")
-    files = sorted(f for f in folder.glob(SHARD_GLOB) if f.suffix in (".jsonl", ".parquet"))
+    files = shard_files(folder)
     manifest = folder / "manifest.json"
     if manifest.exists():
         doc = read_json(manifest)
@@ -457,9 +462,6 @@ def read_samples(folder: str | os.PathLike, problem_ids: Iterable[str] | None = 
                 rec = {k: rec[k] for k in fields}
             out.append(rec)
     return out
-
-
-_SAMPLE_KEYS = ("problem_id", "sample_index", "finish_reason")
 
 
 def read_verdicts(path: str | os.PathLike, samples: Iterable[tuple[str, int]] | None = None) -> list[dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from drsft.fingerprint import fingerprint
-from drsft.io import RECORD_FORMATS, DataError, read_json, read_records, write_json, write_records
+from drsft.io import DataError, read_json, read_records, record_file, shard_files, write_json, write_records
 
 log = logging.getLogger("drsft.shards")
 
@@ -40,9 +40,7 @@ MANIFEST = "manifest.json"
 
 def shard_name(index: int, fmt: str = "jsonl") -> str:
     """``shard-00000.jsonl`` (or ``.parquet``): the file of shard ``index`` in records format ``fmt``."""
-    if fmt not in RECORD_FORMATS:
-        raise ValueError(f"records format must be one of {', '.join(RECORD_FORMATS)}, got {fmt!r}")
-    return f"shard-{index:05d}.{fmt}"
+    return record_file("", f"shard-{index:05d}", fmt).name
 
 
 def items_in(shards: Sequence[int], n_items: int, shard_size: int) -> int:
@@ -50,13 +48,9 @@ def items_in(shards: Sequence[int], n_items: int, shard_size: int) -> int:
     return sum(max(0, min(n_items, (i + 1) * shard_size) - i * shard_size) for i in shards)
 
 
-def _shards(out: Path) -> list[Path]:
-    return [f for f in out.glob("shard-*.*") if f.suffix[1:] in RECORD_FORMATS]
-
-
 def _clean(out: Path, keep: int | None) -> None:
     """Delete shard files (all, or those with index >= keep) and temp files of killed writes."""
-    for f in _shards(out):
+    for f in shard_files(out):
         try:
             idx = int(f.stem.split("-", 1)[1])
         except ValueError:
@@ -103,7 +97,7 @@ def run_sharded(items: Sequence[Any], out_dir: str | os.PathLike, shard_size: in
     same = isinstance(old, dict) and all(old.get(k) == manifest[k]
                                          for k in ("fingerprint", "shard_size", "n_items", "shards"))
     if not same:
-        if _shards(out):
+        if shard_files(out):
             log.info("%s: inputs changed since the last run (or no manifest): deleting old shards", out)
         _clean(out, keep=None)
     else:

@@ -655,9 +655,10 @@ def _checkpoint_dir(ckpt_dir: Path, fp: dict, rank: int, dist) -> None:
 
 
 def _build_engine(cfg: Mapping[str, Any], ds_cfg: dict, resolved: str, on_gpu: bool, total_steps: int,
-                  trust_remote_code: bool = False):
-    """The model (ZeRO-3: partitioned while loading), AdamW and the warm-up/cosine schedule, wrapped
-    by DeepSpeed."""
+                  trust_remote_code: bool = False, attn: str | None = None):
+    """The model (ZeRO-3: partitioned while loading; ``attn``: its attention implementation, None for
+    transformers' default, see :func:`attention_implementation`), AdamW and the warm-up/cosine
+    schedule, wrapped by DeepSpeed."""
     import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
@@ -671,7 +672,6 @@ def _build_engine(cfg: Mapping[str, Any], ds_cfg: dict, resolved: str, on_gpu: b
         # Partition the weights while loading (zero.Init); must stay alive until initialize.
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841
-    attn = attention_implementation(cfg["attn_implementation"], on_gpu, cfg["packing"])
     model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  **({"attn_implementation": attn} if attn else {}))
     model.config.use_cache = False
@@ -848,7 +848,7 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # Fail on a batch size that does not divide before starting any process group.
     deepspeed_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu)
-    attention_implementation(cfg["attn_implementation"], on_gpu, cfg["packing"])  # a bad choice fails here
+    attn = attention_implementation(cfg["attn_implementation"], on_gpu, cfg["packing"])  # a bad choice fails here
     if on_gpu:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist = _init_distributed(on_gpu)
@@ -877,7 +877,7 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
 
     fp = run_fingerprint(cfg, data_path, model_dir, resolved, world)
     _checkpoint_dir(ckpt_dir, fp, rank, dist)
-    engine = _build_engine(cfg, ds_cfg, resolved, on_gpu, total_steps, trust_remote_code)
+    engine = _build_engine(cfg, ds_cfg, resolved, on_gpu, total_steps, trust_remote_code, attn)
     state = _resume(engine, ckpt_dir, fp, total_steps, rank)
     live = _open_live(live_dir, state, cfg, world, gas) if rank == 0 and live_dir is not None else None
 
