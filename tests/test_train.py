@@ -25,7 +25,8 @@ from drsft.io import DataError, read_json, write_jsonl
 from drsft.params import ParamsError
 from drsft.train import (Example, accumulation_steps, batch_plan, check_packing, collate, collate_packed,
                          deepspeed_config, forward_logprobs, load_examples, lr_factor, micro_batch_tokens,
-                         micro_slots, run_fingerprint, token_slots, validate_config, warmup_steps_for)
+                         micro_slots, run_fingerprint, skip_shm_comm_build, token_slots, validate_config,
+                         warmup_steps_for)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "stages" / "train.py"
@@ -183,6 +184,17 @@ def test_accumulation_steps_and_deepspeed_config():
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
     assert ds["bf16"]["enabled"] is False and ds["zero_force_ds_cpu_optimizer"] is False
     assert deepspeed_config(cfg, 1, on_gpu=True)["bf16"]["enabled"] is True
+
+
+def test_cpu_runs_skip_deepspeeds_shared_memory_op_build():
+    """DeepSpeed's CPU backend would JIT-compile its inference-only shm all-reduce op (~45 s per
+    new venv path); after skip_shm_comm_build its own builder hook hands back no op."""
+    import deepspeed
+    from deepspeed.comm.torch import build_shm_op
+
+    assert skip_shm_comm_build(deepspeed) is True
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert build_shm_op() is None
 
 
 def test_lr_schedule_warmup_then_cosine():

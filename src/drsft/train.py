@@ -516,9 +516,27 @@ def _init_distributed(on_gpu: bool):
     import deepspeed
     import torch.distributed as dist
 
+    if not on_gpu:
+        skip_shm_comm_build(deepspeed)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     return dist
+
+
+def skip_shm_comm_build(deepspeed) -> bool:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
+
+    On CPU, ``deepspeed.init_distributed`` compiles ``deepspeed_shm_comm`` (C++, ~45 s on two
+    cores, again for every new virtual-environment path) for ``inference_all_reduce``, which only
+    DeepSpeed-inference's tensor parallelism calls; training reduces through torch.distributed.
+    DeepSpeed reads the op's availability from the ``deepspeed.ops.__compatible_ops__`` dict, kept
+    in the module so that edits to it persist; marking the op unavailable skips the build. Returns
+    whether the op was marked."""
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if not isinstance(ops, dict) or "deepspeed_shm_comm" not in ops:
+        return False
+    ops["deepspeed_shm_comm"] = False
+    return True
 
 
 class _StepStats:
