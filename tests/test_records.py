@@ -50,6 +50,10 @@ def test_parquet_columns_are_compact_typed_and_readable_by_pandas(tmp_path):
     assert schema.field("response_ids").type == pa.list_(pa.int32())
     assert schema.field("plain_logprobs").type == pa.list_(pa.float32())
     assert schema.field("behaviour_logprobs").type == pa.list_(pa.float32())
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    for leaf in ("response_ids.list.element", "plain_logprobs.list.element", "behaviour_logprobs.list.element"):
+        assert "BYTE_STREAM_SPLIT" in encodings[leaf], (leaf, encodings[leaf])
     df = pd.read_parquet(path)
     assert list(df["problem_id"]) == ["p0", "p1"] and list(df["response_ids"][0]) == [5, 6, 7]
     # the same records give the same bytes (DVC's md5 of an output must not change on a rerun)

@@ -255,8 +255,12 @@ def _write_parquet(path: Path, records: Iterable[dict]) -> int:
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
             raise ValueError(f"{path}: field '{name}' cannot be stored as one Parquet column: {exc}") from None
     table = pa.Table.from_arrays(arrays, names=names) if names else pa.table({})
+    # Per-token arrays byte-stream-split (zstd then sees the sign/exponent and high bytes apart
+    # from the noisy low ones; on the scale bench's ids and log-probs 2.25 and 3.32 bytes/token
+    # against 2.60 and 4.14 with the default dictionary encoding, which would take precedence).
+    leaves = [f"{n}.list.element" for n in names if n in TOKEN_ID_FIELDS + LOGPROB_FIELDS]
     with atomic_path(path, mode="wb") as fh:
-        pq.write_table(table, fh, compression="zstd")
+        pq.write_table(table, fh, compression="zstd", use_dictionary=False, use_byte_stream_split=leaves or False)
     return len(rows)
 
 
