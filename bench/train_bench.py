@@ -322,8 +322,11 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
         steps = len(plan)
         warmup = warmup_steps_for(steps, cfg["warmup_ratio"])
 
-        from drsft.train import deepspeed_config, setup_environment
+        import deepspeed
 
+        from drsft.train import deepspeed_config, setup_environment, skip_shm_comm_build
+
+        skip_shm_comm_build(deepspeed)  # as our trainer does on CPU: the Trainer's DeepSpeed init would compile it
         ds_cfg = deepspeed_config(cfg, 1, on_gpu=False) if cfg["zero_stage"] > 0 else None
         order = ["baseline", *(["baseline_ds"] if ds_cfg else []), "sft", "is_dft"]
         runs: dict[str, list[dict]] = {k: [] for k in order}
