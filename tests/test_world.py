@@ -240,6 +240,32 @@ def test_pretrain_saves_a_loadable_deterministic_model(tmp_path, prompt_cfg):
     assert render_prompt(tok, "1+1?", prompt_cfg).endswith("<|assistant|>\n")
 
 
+
+def test_pretrain_over_two_processes_matches_one_process(tmp_path, prompt_cfg):
+    """Two data-parallel processes (each on half of every batch, gradients summed over gloo) make the
+    same updates as one process, up to float rounding; a failure inside a rank reaches the caller."""
+    import torch
+    from safetensors.torch import load_file
+
+    from drsft.toy.tinylm import pretrain
+
+    w = make_world(seed=0, n_train=0, n_bench=0, n_corpus=40)
+    ex = pretraining_examples(w.corpus, seed=0, guided_frac=0.5)
+    kw = dict(seed=0, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=6,
+              batch_size=7, threads=1, log=lambda *_: None)  # odd batch: the ranks get unequal shares
+    kw["drills"], kw["drill_frac"] = W.fact_drills(w.corpus, n_drills=20, facts_per_drill=4), 0.5
+    one = pretrain(tmp_path / "one", ex, prompt_cfg, processes=1, **kw)
+    two = pretrain(tmp_path / "two", ex, prompt_cfg, processes=2, **kw)
+    assert two["processes"] == 2 and two["response_tokens"] == one["response_tokens"]
+    assert two["loss_first"] == pytest.approx(one["loss_first"], rel=1e-5)
+    assert two["loss_final"] == pytest.approx(one["loss_final"], rel=1e-4)
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    with pytest.raises(Exception, match="could not convert string to float"):
+        pretrain(tmp_path / "bad", ex, prompt_cfg, processes=2, **{**kw, "lr": "fast"})
+
 PROBE = {"solve_rate_min": 0.2, "solve_rate_max": 0.7, "unsolved_min": 0.15, "headroom_solve_max": 0.1,
          "headroom_margin": 0.2, "gap_ratio_min": 3.0, "gap_ratio_max": 30.0, "gap_nll_max": 3.0}
 

@@ -174,7 +174,8 @@ class PretrainSection(_Section):
     weight_decay: NonNegNum
     grad_clip: NonNegNum               # 0 = off
     max_length: Annotated[int, Strict(), Field(ge=2)]
-    threads: PosInt
+    threads: PosInt                    # per process
+    processes: PosInt                  # data-parallel CPU processes (gloo)
     log_every: PosInt
     drill_frac: Annotated[float, Strict(), Field(ge=0, lt=1, allow_inf_nan=False)]
     drill_batch_size: PosInt | None    # null: batch_size
