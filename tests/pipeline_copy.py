@@ -79,6 +79,12 @@ def expand_stages(dvc_yaml: Mapping, params: Mapping | None = None) -> dict[str,
     return out
 
 
+def stages_of(root: Path) -> dict[str, dict]:
+    """:func:`expand_stages` of the dvc.yaml and params.yaml in ``root``."""
+    return expand_stages(yaml.safe_load((root / "dvc.yaml").read_text()),
+                         yaml.safe_load((root / "params.yaml").read_text()))
+
+
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 

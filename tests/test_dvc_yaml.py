@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline_copy import expand_stages
+from pipeline_copy import stages_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -56,7 +56,7 @@ def transitive_code(script: Path) -> set[str]:
 
 
 def _stages():
-    return expand_stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()), yaml.safe_load((ROOT / "params.yaml").read_text()))
+    return stages_of(ROOT)
 
 
 def _dep_paths(stage):

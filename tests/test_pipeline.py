@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_copy import DVC, copy_repo, expand_stages, ran_stages as _ran_stages, run as _run  # noqa: E402
+from pipeline_copy import DVC, copy_repo, ran_stages as _ran_stages, stages_of, run as _run  # noqa: E402
 from drsft.experiments import _walk  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def first_repro(repo):
 
 def test_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     dst, _ = repo
-    stages = expand_stages(yaml.safe_load((dst / "dvc.yaml").read_text()), yaml.safe_load((dst / "params.yaml").read_text()))
+    stages = stages_of(dst)
     assert _ran_stages(first_repro) == set(stages)
     for name, stage in stages.items():
         for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline_copy import DVC, SMALL, copy_repo, expand_stages, ran_stages, run  # noqa: E402
+from pipeline_copy import DVC, SMALL, copy_repo, ran_stages, run, stages_of  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -94,8 +94,7 @@ def _explain(rel: str, a: bytes, b: bytes) -> str:
 def test_two_runs_from_scratch_are_byte_identical(tmp_path):
     dst = tmp_path / "repo"
     env = copy_repo(dst, TINY)
-    dvc_yaml = {"stages": expand_stages(yaml.safe_load((dst / "dvc.yaml").read_text()),
-                                        yaml.safe_load((dst / "params.yaml").read_text()))}
+    dvc_yaml = {"stages": stages_of(dst)}
     uncached = _uncached(dvc_yaml)
 
     first = run([DVC, "repro"], dst, env)
