@@ -82,6 +82,42 @@ def test_left_padding_greedy_same_alone_and_in_batch(backend, prompts):
     assert [c.token_ids for c in many] == [alone.token_ids] * 3
 
 
+
+def test_forked_cpu_workers_give_the_single_thread_completions(tiny_model_dir, prompts):
+    """``data_parallel_size`` 2 on CPU: the batches go to two forked single-thread workers; every
+    completion equals that of one single-thread process (a batch is generated whole by one
+    worker), in prompt order, with a progress bar that counts every sequence."""
+    sp = SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=5, batch_size=4)
+    forked = make_backend("hf", str(tiny_model_dir), device="cpu", data_parallel_size=2)
+    assert forked.processes == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = make_backend("hf", str(tiny_model_dir), device="cpu").generate(prompts, sp)
+    finally:
+        torch.set_num_threads(threads)
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, **_):
+            pass
+
+    bar = Bar()
+    two = forked.generate(prompts, sp, progress=bar)
+    assert [[(c.token_ids, c.logprobs, c.finish_reason, c.text) for c in cs] for cs in two] == \
+        [[(c.token_ids, c.logprobs, c.finish_reason, c.text) for c in cs] for cs in one]
+    assert bar.n == len(prompts) * 3 and len({c.text for cs in two for c in cs}) > 1
+    greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=8, batch_size=3)
+    assert [[c.token_ids for c in cs] for cs in forked.generate(prompts, greedy)] == \
+        [[c.token_ids for c in cs] for cs in make_backend("hf", str(tiny_model_dir), device="cpu",
+                                                           data_parallel_size=2).generate(prompts, greedy)]
+    with pytest.raises(ValueError, match="processes"):
+        rollout_hf.HFBackend(forked.model, forked.tokenizer, processes=0)
+
 def test_tiny_top_p_is_greedy(backend, prompts):
     greedy = backend.generate(prompts[:3], SamplingParams(n=1, temperature=0.0, max_new_tokens=12))
     nucleus = backend.generate(prompts[:3], SamplingParams(n=2, temperature=1.0, top_p=1e-6, max_new_tokens=12))

@@ -197,6 +197,7 @@ class ProbeSection(Decoding):
     n: PosInt
     batch_size: PosInt
     backend: Backend
+    data_parallel_size: PosInt         # hf on CPU: forked single-thread workers
     solve_rate_min: Fraction
     solve_rate_max: Fraction
     unsolved_min: Fraction
@@ -273,7 +274,7 @@ class RolloutSection(_Section):
     dtype: Dtype
     tensor_parallel_size: PosInt       # vllm
     gpu_memory_utilization: TopP       # vllm, (0, 1]
-    data_parallel_size: PosInt         # vllm engines / GPUs per rollout
+    data_parallel_size: PosInt         # vllm engines / GPUs per rollout; hf on CPU: worker processes
     stop_token_ids: list[NonNegInt]    # extra ids to stop at (besides EOS ids and the end of turn)
 
 

@@ -15,6 +15,26 @@ log = logging.getLogger("drsft.rollout")
 
 _PREALLOC_LAYER = None
 
+# The job a forked worker pool runs (HFBackend._generate_forked): set in the parent just before
+# the fork, so the workers inherit it instead of receiving the model through a pipe.
+_FORK_JOB = None
+
+
+def _fork_worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _fork_worker_batch(bi: int):
+    import torch
+
+    backend, batches, params, greedy = _FORK_JOB
+    batch = batches[bi]
+    with torch.inference_mode():
+        backend._generate_batch(batch, params, greedy)
+    return bi, [(r.token_ids, r.logprobs, r.finish_reason) for r in batch]
+
 
 def _prealloc_layer_class():
     """A transformers ``DynamicLayer`` that writes into a preallocated buffer instead of
@@ -118,6 +138,10 @@ class HFBackend:
       without its cuDNN backend (:func:`_attention_kernels`: 4.6x faster decode steps measured
       at Qwen2.5-1.5B shape on an H200).
     - Greedy (``temperature == 0``) decodes each prompt once and copies it ``n`` times.
+    - ``processes`` > 1 (``rollout.data_parallel_size`` on CPU): the batches go to that many
+      forked single-thread workers (:meth:`_generate_forked`); the decode loop is mostly
+      per-step Python and small kernels that a second thread barely speeds up, while a second
+      process doubles them. Ignored on GPU (one process drives the device).
 
     Determinism: each sequence has its own random stream, seeded by :func:`sequence_seed` from
     ``params.seed``, the prompt text, the repeat index of identical prompt texts, and the sample
@@ -130,7 +154,7 @@ class HFBackend:
     vLLM (another kernel stack) gives different samples for the same seed.
     """
 
-    def __init__(self, model, tokenizer, stop_token_ids=()):
+    def __init__(self, model, tokenizer, stop_token_ids=(), processes: int = 1):
         import torch
 
         from drsft.prompts import stop_token_ids as stop_ids
@@ -150,18 +174,29 @@ class HFBackend:
         self._eos_tensor = torch.tensor(sorted(eos), device=self.device)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(eos))
+        if int(processes) < 1:
+            raise ValueError(f"HFBackend: processes must be >= 1, got {processes}")
+        self.processes = int(processes)
 
     @classmethod
     def load(cls, model_path: str, device: str | None = None, dtype: str = "auto", trust_remote_code: bool = False,
-             attn_implementation: str | None = None, stop_token_ids=(), **ignored) -> HFBackend:
-        """Load from a model folder (or what resolve_model returned). vLLM-only options are ignored."""
+             attn_implementation: str | None = None, stop_token_ids=(), data_parallel_size: int = 1,
+             **ignored) -> HFBackend:
+        """Load from a model folder (or what resolve_model returned). ``data_parallel_size`` > 1 on
+        CPU: that many forked single-thread worker processes (``processes``). vLLM-only options are
+        ignored."""
         from drsft.models import load_model, load_tokenizer
 
         if attn_implementation:
             log.info("attn_implementation=%s is left to transformers' default in the hf backend", attn_implementation)
         tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         model = load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        return cls(model, tok, stop_token_ids)
+        processes = int(data_parallel_size or 1)
+        if processes > 1 and next(model.parameters()).device.type != "cpu":
+            log.warning("rollout.data_parallel_size=%s is ignored by the hf backend on %s (one process drives "
+                        "the device)", processes, next(model.parameters()).device)
+            processes = 1
+        return cls(model, tok, stop_token_ids, processes=processes)
 
     # -- public --------------------------------------------------------------------------------
 
@@ -171,8 +206,6 @@ class HFBackend:
         ``progress``: False, True (a tqdm bar over sequences with tokens/s), or an existing tqdm
         bar to advance by finished sequences.
         """
-        import torch
-
         params.validate()
         greedy = float(params.temperature) == 0.0
         n_rows = 1 if greedy else int(params.n)
@@ -186,14 +219,17 @@ class HFBackend:
             for si in range(n_rows):
                 rows.append(_Row(pi, si, encoded[prompt], sequence_seed(params.seed, prompt, occ, si)))
         order = sorted(range(len(rows)), key=lambda r: (-len(rows[r].prompt_ids), r))
+        batches = [[rows[r] for r in order[start:start + int(params.batch_size)]]
+                   for start in range(0, len(order), int(params.batch_size))]
         bar = _Progress(progress, total=len(prompts) * int(params.n))
+        copies = int(params.n) if greedy else 1
         try:
-            with torch.inference_mode(), _attention_kernels(self.device):
-                for start in range(0, len(order), int(params.batch_size)):
-                    batch = [rows[r] for r in order[start:start + int(params.batch_size)]]
-                    self._generate_batch(batch, params, greedy)
-                    bar.update(len(batch) * (int(params.n) if greedy else 1),
-                               sum(len(r.token_ids) for r in batch) * (int(params.n) if greedy else 1))
+            if self.processes > 1 and self.device.type == "cpu" and len(batches) > 1:
+                done = self._generate_forked(batches, params, greedy)
+            else:
+                done = self._generate_here(batches, params, greedy)
+            for batch in done:
+                bar.update(len(batch) * copies, sum(len(r.token_ids) for r in batch) * copies)
         finally:
             bar.close()
 
@@ -207,6 +243,39 @@ class HFBackend:
         return out
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _generate_here(self, batches: list[list[_Row]], params: SamplingParams, greedy: bool):
+        """Generate the batches in this process, yielding each when done."""
+        import torch
+
+        with torch.inference_mode(), _attention_kernels(self.device):
+            for batch in batches:
+                self._generate_batch(batch, params, greedy)
+                yield batch
+
+    def _generate_forked(self, batches: list[list[_Row]], params: SamplingParams, greedy: bool):
+        """Generate the batches in ``self.processes`` forked single-thread CPU workers, yielding
+        each batch when its results are back.
+
+        A batch is generated whole by one worker, so its composition (and so every sequence's
+        floats) does not depend on which worker took it or when: the outputs are those of one
+        single-thread process. Forked (not spawned): the workers share the loaded model
+        copy-on-write and start in milliseconds; they run only torch on one thread (the rule
+        torch's DataLoader workers follow), never the parent's other threads or locks.
+        """
+        import multiprocessing
+
+        global _FORK_JOB
+        _FORK_JOB = (self, batches, params, greedy)
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(min(self.processes, len(batches)), initializer=_fork_worker_init) as pool:
+                for bi, results in pool.imap_unordered(_fork_worker_batch, range(len(batches))):
+                    for row, (token_ids, logprobs, finish_reason) in zip(batches[bi], results):
+                        row.token_ids, row.logprobs, row.finish_reason = token_ids, logprobs, finish_reason
+                    yield batches[bi]
+        finally:
+            _FORK_JOB = None
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,

@@ -93,7 +93,8 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
         raise ValueError("probe: no problems with an expert solution")
     n = int(c["n"])
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    backend = make_backend(str(c["backend"]), str(model_dir), trust_remote_code=trust_remote_code)
+    backend = make_backend(str(c["backend"]), str(model_dir), trust_remote_code=trust_remote_code,
+                           data_parallel_size=int(c["data_parallel_size"]))
 
     def sampling(seed: int) -> SamplingParams:
         return SamplingParams.from_params(c, int(c["batch_size"]), seed=seed)
