@@ -7,6 +7,12 @@ Both sides produce the same data: per sequence the sampled ids and their raw (T=
 The naive side calls ``model.generate`` once per prompt per sample (``output_logits=True``) on
 the first ``--naive-sequences`` sequences; the batched side runs ``HFBackend.generate`` on all
 prompts x n. The figure is generated tokens per second of each, and their ratio.
+
+    .venv/bin/python bench/sample_bench.py --model models/base --threads 2 --prompts 400 \
+        --batch-size 256 --max-new-tokens 192 --workers 2 --naive-sequences 0
+
+``--workers N``: also the batched side on N forked single-thread workers (``rollout.
+data_parallel_size`` on CPU), checked to give the completions of a single-thread process.
 """
 
 from __future__ import annotations
@@ -68,7 +74,8 @@ def _naive(model, tok, prompts: list[str], n: int, max_new: int, limit: int, see
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--naive-sequences", default=16, show_default=True, help="sequences timed one at a time")
 @click.option("--threads", default=1, show_default=True)
-def main(model_dir, n_prompts, n, max_new_tokens, batch_size, naive_sequences, threads):
+@click.option("--workers", default=0, show_default=True, help="also time N forked single-thread workers (0: no)")
+def main(model_dir, n_prompts, n, max_new_tokens, batch_size, naive_sequences, threads, workers):
     import torch
 
     from drsft.models import load_model, load_tokenizer
@@ -91,16 +98,31 @@ def main(model_dir, n_prompts, n, max_new_tokens, batch_size, naive_sequences, t
         comps = backend.generate(prompts, sp)
         batched_s = time.perf_counter() - t0
         batched_tokens = sum(len(c.token_ids) for cs in comps for c in cs)
-        naive_tokens, naive_s = _naive(model, tok, prompts, n, max_new_tokens, naive_sequences, 0)
+        forked = None
+        if workers:
+            t0 = time.perf_counter()
+            fcomps = HFBackend(model, tok, processes=workers).generate(prompts, sp)
+            forked_s = time.perf_counter() - t0
+            forked_tokens = sum(len(c.token_ids) for cs in fcomps for c in cs)
+            forked = {"workers": workers, "tokens": forked_tokens, "seconds": round(forked_s, 3),
+                      "tokens_per_s": round(forked_tokens / forked_s, 1),
+                      "same_tokens_as_batched": [[c.token_ids for c in cs] for cs in fcomps]
+                      == [[c.token_ids for c in cs] for cs in comps],
+                      "speedup_vs_batched": round(batched_s / forked_s, 2)}
+        naive_tokens, naive_s = _naive(model, tok, prompts, n, max_new_tokens, naive_sequences, 0) \
+            if naive_sequences else (0, 0.0)
     result = {
         "model_params": params, "threads": threads, "prompts": n_prompts, "n": n,
         "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         "batched": {"sequences": n_prompts * n, "tokens": batched_tokens, "seconds": round(batched_s, 3),
                     "tokens_per_s": round(batched_tokens / batched_s, 1)},
-        "naive": {"sequences": min(naive_sequences, n_prompts * n), "tokens": naive_tokens,
-                  "seconds": round(naive_s, 3), "tokens_per_s": round(naive_tokens / naive_s, 1)},
     }
-    result["speedup"] = round(result["batched"]["tokens_per_s"] / result["naive"]["tokens_per_s"], 1)
+    if naive_sequences:
+        result["naive"] = {"sequences": min(naive_sequences, n_prompts * n), "tokens": naive_tokens,
+                           "seconds": round(naive_s, 3), "tokens_per_s": round(naive_tokens / naive_s, 1)}
+        result["speedup"] = round(result["batched"]["tokens_per_s"] / result["naive"]["tokens_per_s"], 1)
+    if forked:
+        result["forked_workers"] = forked
     print(json.dumps(result, indent=2))
 
 
