@@ -118,6 +118,21 @@ def test_forked_cpu_workers_give_the_single_thread_completions(tiny_model_dir, p
     with pytest.raises(ValueError, match="processes"):
         rollout_hf.HFBackend(forked.model, forked.tokenizer, processes=0)
 
+
+def _die_in_worker(bi):
+    import os
+
+    os._exit(3)
+
+
+def test_a_dead_generation_worker_is_an_error_not_a_hang(tiny_model_dir, prompts, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    monkeypatch.setattr(rollout_hf, "_fork_worker_batch", _die_in_worker)
+    forked = make_backend("hf", str(tiny_model_dir), device="cpu", data_parallel_size=2)
+    with pytest.raises(BrokenProcessPool):
+        forked.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=4, batch_size=4))
+
 def test_tiny_top_p_is_greedy(backend, prompts):
     greedy = backend.generate(prompts[:3], SamplingParams(n=1, temperature=0.0, max_new_tokens=12))
     nucleus = backend.generate(prompts[:3], SamplingParams(n=2, temperature=1.0, top_p=1e-6, max_new_tokens=12))

@@ -264,16 +264,24 @@ class HFBackend:
         torch's DataLoader workers follow), never the parent's other threads or locks.
         """
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         global _FORK_JOB
         _FORK_JOB = (self, batches, params, greedy)
         try:
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(min(self.processes, len(batches)), initializer=_fork_worker_init) as pool:
-                for bi, results in pool.imap_unordered(_fork_worker_batch, range(len(batches))):
+            # An executor, not multiprocessing.Pool: a worker that dies (OOM kill) raises
+            # BrokenProcessPool here instead of leaving the caller waiting forever.
+            pool = ProcessPoolExecutor(min(self.processes, len(batches)), mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_fork_worker_init)
+            try:
+                futures = [pool.submit(_fork_worker_batch, bi) for bi in range(len(batches))]
+                for future in as_completed(futures):
+                    bi, results = future.result()
                     for row, (token_ids, logprobs, finish_reason) in zip(batches[bi], results):
                         row.token_ids, row.logprobs, row.finish_reason = token_ids, logprobs, finish_reason
                     yield batches[bi]
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         finally:
             _FORK_JOB = None
 
