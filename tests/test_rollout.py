@@ -88,12 +88,14 @@ def test_forked_cpu_workers_give_the_single_thread_completions(tiny_model_dir, p
     completion equals that of one single-thread process (a batch is generated whole by one
     worker), in prompt order, with a progress bar that counts every sequence."""
     sp = SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=5, batch_size=4)
+    greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=8, batch_size=3)
     forked = make_backend("hf", str(tiny_model_dir), device="cpu", data_parallel_size=2)
     assert forked.processes == 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = make_backend("hf", str(tiny_model_dir), device="cpu").generate(prompts, sp)
+        single = make_backend("hf", str(tiny_model_dir), device="cpu")
+        one, one_greedy = single.generate(prompts, sp), single.generate(prompts, greedy)
     finally:
         torch.set_num_threads(threads)
 
@@ -111,10 +113,8 @@ def test_forked_cpu_workers_give_the_single_thread_completions(tiny_model_dir, p
     assert [[(c.token_ids, c.logprobs, c.finish_reason, c.text) for c in cs] for cs in two] == \
         [[(c.token_ids, c.logprobs, c.finish_reason, c.text) for c in cs] for cs in one]
     assert bar.n == len(prompts) * 3 and len({c.text for cs in two for c in cs}) > 1
-    greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=8, batch_size=3)
-    assert [[c.token_ids for c in cs] for cs in forked.generate(prompts, greedy)] == \
-        [[c.token_ids for c in cs] for cs in make_backend("hf", str(tiny_model_dir), device="cpu",
-                                                           data_parallel_size=2).generate(prompts, greedy)]
+    assert [[(c.token_ids, c.logprobs) for c in cs] for cs in forked.generate(prompts, greedy)] == \
+        [[(c.token_ids, c.logprobs) for c in cs] for cs in one_greedy]
     with pytest.raises(ValueError, match="processes"):
         rollout_hf.HFBackend(forked.model, forked.tokenizer, processes=0)
 

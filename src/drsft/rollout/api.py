@@ -103,8 +103,9 @@ def make_backend(name: str, model_path: str, **opts):
     ``opts``: any of ``device``, ``dtype`` (``auto``: bf16 on GPU, fp32 on CPU),
     ``trust_remote_code``, ``tensor_parallel_size``, ``gpu_memory_utilization``,
     ``max_model_len``, ``enforce_eager``, ``attn_implementation``, ``data_parallel_size`` (vllm:
-    one engine per rank; hf on CPU: forked single-thread workers), ``stop_token_ids`` (``rollout.stop_token_ids``: extra ids to stop at,
-    besides the model's EOS ids and its chat template's end of turn,
+    one engine per rank; hf on CPU: forked single-thread workers), ``stop_token_ids``
+    (``rollout.stop_token_ids``: extra ids to stop at, besides the model's EOS ids and its chat
+    template's end of turn,
     :func:`drsft.prompts.stop_token_ids`); a backend ignores the ones it has no use for, and an
     unknown option is an error.
     """

@@ -176,6 +176,10 @@ class HFBackend:
         self.pad_id = int(pad if pad is not None else min(eos))
         if int(processes) < 1:
             raise ValueError(f"HFBackend: processes must be >= 1, got {processes}")
+        if int(processes) > 1 and self.device.type != "cpu":
+            log.warning("rollout.data_parallel_size=%s is ignored by the hf backend on %s (one process drives "
+                        "the device)", processes, self.device)
+            processes = 1
         self.processes = int(processes)
 
     @classmethod
@@ -191,12 +195,7 @@ class HFBackend:
             log.info("attn_implementation=%s is left to transformers' default in the hf backend", attn_implementation)
         tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         model = load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        processes = int(data_parallel_size or 1)
-        if processes > 1 and next(model.parameters()).device.type != "cpu":
-            log.warning("rollout.data_parallel_size=%s is ignored by the hf backend on %s (one process drives "
-                        "the device)", processes, next(model.parameters()).device)
-            processes = 1
-        return cls(model, tok, stop_token_ids, processes=processes)
+        return cls(model, tok, stop_token_ids, processes=int(data_parallel_size or 1))
 
     # -- public --------------------------------------------------------------------------------
 
@@ -224,7 +223,7 @@ class HFBackend:
         bar = _Progress(progress, total=len(prompts) * int(params.n))
         copies = int(params.n) if greedy else 1
         try:
-            if self.processes > 1 and self.device.type == "cpu" and len(batches) > 1:
+            if self.processes > 1 and len(batches) > 1:
                 done = self._generate_forked(batches, params, greedy)
             else:
                 done = self._generate_here(batches, params, greedy)

@@ -309,7 +309,8 @@ def pretrain(out_dir, examples, prompt_cfg, *, seed: int = 0, vocab_size: int = 
         examples = list(examples)
         if not examples:
             raise ValueError("pretrain: no examples")
-        if int(processes) < 1:
+        processes = int(processes)
+        if processes < 1:
             raise ValueError(f"pretrain: processes must be >= 1, got {processes}")
         texts = [prompt_cfg.get("system", ""), prompt_cfg.get("instruction", ""),
                  prompt_cfg.get("guided_template", "")]
@@ -348,10 +349,10 @@ def pretrain(out_dir, examples, prompt_cfg, *, seed: int = 0, vocab_size: int = 
                "grad_clip": grad_clip, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
                "batch_size": batch_size, "drill_batch_size": drill_batch_size or batch_size,
                "pad": tok.pad_token_id, "threads": threads, "t0": t0}
-        if int(processes) == 1:
+        if processes == 1:
             out = _train_loop(model, data, cfg, log=log, t0=t0)
         else:
-            out = _train_processes(model, data, cfg, int(processes), log)
+            out = _train_processes(model, data, cfg, processes, log)
         losses = out["losses"]
         out_path = Path(out_dir)
         out_path.mkdir(parents=True, exist_ok=True)
@@ -362,6 +363,6 @@ def pretrain(out_dir, examples, prompt_cfg, *, seed: int = 0, vocab_size: int = 
                 "examples": len(seqs), "dropped_long": dropped,
                 "drills": len(dseqs), "drill_steps": out["drill_steps"], "response_tokens": out["response_tokens"],
                 "loss_first": losses[0], "loss_final": sum(tail) / len(tail),
-                "seconds": round(time.time() - t0, 1), "threads": int(threads), "processes": int(processes)}
+                "seconds": round(time.time() - t0, 1), "threads": int(threads), "processes": processes}
     finally:
         torch.set_num_threads(prev_threads)
