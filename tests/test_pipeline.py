@@ -134,3 +134,39 @@ def test_ablation_queues_arms_and_seeds_runs_only_train_and_evaluate_and_writes_
     assert "ablation.json" in shown
     assert (dst / "abl_plots" / "index.html").exists()
     assert (dst / "params.yaml").read_text() == params_before   # queued runs do not touch the workspace
+
+
+def test_ablation_at_an_upstream_setting_runs_the_shared_stages_once_and_restores_the_workspace(repo, first_repro):
+    """`--set` on an upstream param (as `make gap-sweep` sets the world's knob): the stages every arm
+    shares run once, in the workspace, at that setting; the queued arm then runs only train and
+    evaluate@trained (stages with persisted outputs are outside DVC's run cache: without this each
+    arm would rerun sample, guided_align and fallback); the workspace is left as it was. A dirty
+    params.yaml, which the restore would lose, is refused before anything runs."""
+    dst, env = repo
+    _run(["git", "add", "-A"], dst, env)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "outputs", "--allow-empty"], dst, env)
+    params = (dst / "params.yaml").read_text()
+    cmd = [sys.executable, "-m", "drsft", "ablation", "--arms", "dr-dft", "--seeds", "1", "--n-boot", "200",
+           "--set", "sample.temperature=0.8", "--tag", "t08"]
+    (dst / "params.yaml").write_text(params + "\n# an uncommitted edit\n")
+    proc = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "uncommitted changes" in proc.stderr, proc.stderr[-3000:]
+    (dst / "params.yaml").write_text(params)
+
+    proc = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ran = dict(re.findall(r"^(\S+)(?: \(the shared stages, in the workspace\))?: ran (.*)$", proc.stderr, re.M))
+    assert set(ran) == {"shared-t08", "dr-dft-t08-s0"}, proc.stderr[-3000:]
+    assert "sample" in ran["shared-t08"].split(", "), ran   # (then whatever its outputs change)
+    assert ran["dr-dft-t08-s0"] == "nothing (all cached)" or \
+        set(ran["dr-dft-t08-s0"].split(", ")) <= {"train", "evaluate@trained"}, ran
+    assert (dst / "params.yaml").read_text() == params
+    status = _run(["git", "status", "--porcelain"], dst, env)
+    assert status.split() == ["??", "metrics/ablation-t08.json"], status
+    assert "up to date" in _run([DVC, "status"], dst, env)
+    summary = json.loads((dst / "metrics/ablation-t08.json").read_text())
+    assert summary["overrides"] == ["sample.temperature=0.8"] and summary["arms"]["dr-dft"]["seeds"] == 1
+    show = subprocess.run([DVC, "exp", "show", "--json"], cwd=dst, env=env, capture_output=True, text=True, timeout=300)
+    found = {}
+    _walk(json.loads(show.stdout), found)
+    assert found["dr-dft-t08-s0"][1]["params"]["params.yaml"]["data"]["sample"]["temperature"] == 0.8

@@ -1,7 +1,9 @@
 """The paper's comparison in one command: queue the arms x training seeds as DVC experiments, run them,
 write ``metrics/ablation.json`` and print the table with 95 % intervals.
 
-1. ``dvc repro`` in the workspace: the shared upstream stages, once; a no-op when up to date.
+1. ``dvc repro`` in the workspace: the shared upstream stages, once; a no-op when up to date. With
+   ``--set``, they run once at those settings as the workspace experiment ``shared-<tag>``, the arms
+   are queued on top of its dvc.lock, and the workspace is restored from HEAD.
 2. Each arm and training seed is queued: ``dvc exp run --queue -n <arm>-s<seed> -S train.data=...
    -S train.loss=... -S train.seed=<seed>``. A queued experiment snapshots the workspace and runs in
    its own temporary directory, so the workspace is never touched.
@@ -87,10 +89,58 @@ def untracked_outputs() -> list[str]:
     return [f for f in out if not re.fullmatch(r"metrics/(ablation|gap_sweep)[^/]*\.json|metrics/plots/gap_sweep\.csv", f)]
 
 
-def run_experiments(names: dict[str, list[str]], jobs: int, keep_existing: bool = False) -> None:
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise click.ClickException(f"git {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+SHARED_TARGETS = ("fallback", "evaluate@base")  # everything upstream of train, and the base model's evaluation
+
+
+def _shared_in_workspace(overrides: tuple[str, ...], name: str) -> list[str]:
+    """Run the stages every arm shares (:data:`SHARED_TARGETS`) once, in the workspace, at ``overrides``,
+    as the experiment ``name``; return the git-tracked files that run changed (to restore afterwards).
+
+    The queued arms then snapshot this dvc.lock and take those stages from the cache. Without it an
+    arm at a non-default upstream setting would rerun sample, guided_align and fallback itself: DVC
+    keeps stages with persisted outputs out of its run cache."""
+    dirty = set(_git("diff", "--name-only", "HEAD").split())
+    if dirty & {"params.yaml", "dvc.lock"}:
+        raise click.ClickException("params.yaml or dvc.lock has uncommitted changes: the arms at another setting "
+                                   "run their shared stages in the workspace and restore both from HEAD afterwards; "
+                                   "commit or stash them first")
+    if name in set(_dvc("exp", "list", "--name-only").split()):
+        _dvc("exp", "remove", name)
+    try:
+        out = _dvc("exp", "run", "-n", name, *[a for s in overrides for a in ("-S", s)], *SHARED_TARGETS)
+        ran = re.findall(r"Running stage '([^']+)'", out)
+        click.echo(f"{name} (the shared stages, in the workspace): ran {', '.join(ran) or 'nothing (all cached)'}",
+                   err=True)
+    except BaseException:
+        _restore_workspace(sorted(set(_git("diff", "--name-only", "HEAD").split()) - dirty))
+        raise
+    return sorted(set(_git("diff", "--name-only", "HEAD").split()) - dirty)
+
+
+def _restore_workspace(changed: list[str]) -> None:
+    """Undo :func:`_shared_in_workspace`: the tracked files it changed from HEAD, and the DVC outputs."""
+    paths = sorted(set(changed) | {"params.yaml", "dvc.lock"})
+    _git("checkout", "HEAD", "--", *paths)
+    _dvc("checkout", "--force")
+
+
+def run_experiments(names: dict[str, list[str]], jobs: int, keep_existing: bool = False,
+                    shared: tuple[str, ...] = (), tag: str = "") -> None:
     """Queue ``{experiment name: [-S overrides]}``, run the queue, report what each ran. An experiment
-    of that name on this commit is replaced, or kept (not rerun) with ``keep_existing``."""
-    _dvc("repro")  # the shared upstream stages, once (a no-op when up to date)
+    of that name on this commit is replaced, or kept (not rerun) with ``keep_existing``.
+
+    ``shared``: overrides every experiment carries (``--set``): the stages the arms share run once at
+    them in the workspace before queueing (:func:`_shared_in_workspace`); the workspace is restored
+    once the experiments are queued."""
+    if not shared:
+        _dvc("repro")  # the shared upstream stages, once (a no-op when up to date)
     missing = untracked_outputs()
     if missing:
         raise click.ClickException(
@@ -103,11 +153,16 @@ def run_experiments(names: dict[str, list[str]], jobs: int, keep_existing: bool 
         for name in sorted(kept):
             click.echo(f"{name}: kept (exists on this commit)", err=True)
         names = {n: s for n, s in names.items() if n not in kept}
-    for name, sets in names.items():
-        if name in existing:
-            _dvc("exp", "remove", name)
-        _dvc("exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)])
-        click.echo(f"queued {name}: {' '.join(sets)}", err=True)
+    changed = _shared_in_workspace(shared, f"shared-{tag}" if tag else "shared") if shared and names else None
+    try:
+        for name, sets in names.items():
+            if name in existing:
+                _dvc("exp", "remove", name)
+            _dvc("exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)])
+            click.echo(f"queued {name}: {' '.join(sets)}", err=True)
+    finally:
+        if changed is not None:
+            _restore_workspace(changed)
     proc = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], capture_output=True, text=True)
     for name in names:
         click.echo(f"{name}: ran {', '.join(_ran(name)) or 'nothing (all cached)'}", err=True)
@@ -172,7 +227,7 @@ def experiment_sets(arms, seeds: list[int], tag: str, overrides: tuple[str, ...]
 def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs: int, table_only: bool,
              n_boot: int, out: str, keep_existing: bool = False) -> dict:
     if not table_only:
-        run_experiments(experiment_sets(arms, seeds, tag, overrides), jobs, keep_existing)
+        run_experiments(experiment_sets(arms, seeds, tag, overrides), jobs, keep_existing, overrides, tag)
     scores, info, context = collect(arms, seeds, tag)
     summary = summarize(scores, PAIRS + EXTRA_PAIRS, n_boot=n_boot)  # pairs naming an absent arm are skipped
     result = {"seeds": seeds, "n_boot": n_boot, "level": 0.95, "overrides": list(overrides), **context, **summary}

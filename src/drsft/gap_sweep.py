@@ -3,9 +3,10 @@
 The embedded world's gap knob is ``prepare.toy.textbook_frac``, the share of the base model's plain
 pretraining examples answered in the expert's textbook style (drsft.toy.world.pretraining_examples). It
 changes the base model as well as the gap: each setting is its own world.
-For each setting this runs the ablation (:mod:`drsft.experiments`: the four arms x ``--seeds`` training
-seeds as queued ``dvc exp run``s; the first experiment of a setting pretrains its base model, the
-others reuse it from DVC's run cache), reads the *measured* gap -- the probe's mean per-token NLL of
+For each setting this runs the ablation (:mod:`drsft.experiments`: the stages the arms share --
+pretraining that setting's base model, the probe, sampling, rewriting, the base model's evaluation --
+once in the workspace, then the four arms x ``--seeds`` training seeds as queued ``dvc exp run``s
+that each run only ``train`` and ``evaluate@trained``), reads the *measured* gap -- the probe's mean per-token NLL of
 the expert demonstrations under that base model and its ratio to the NLL of the model's own correct
 solutions, ``metrics/probe.json`` world.nll_expert and nll_ratio_expert_to_own -- and writes:
 
