@@ -69,9 +69,9 @@ def plot_png(rows: list[dict], arms: list[str], comparisons: dict, path: str) ->
     for a in (ax, bx):
         a.set_xscale("log")
         a.set_xticks(xs)
-        a.set_xticklabels([f"×{r['nll_ratio']:.0f}\ntextbook {r['textbook_frac']:g}" for r in rows], fontsize=8)
+        a.set_xticklabels([f"×{r['nll_ratio']:.0f}\n({r['textbook_frac']:g})" for r in rows], fontsize=8)
         a.xaxis.set_minor_formatter(NullFormatter())
-        a.set_xlabel("expert / own-solution NLL under the base model (measured; log scale)")
+        a.set_xlabel("expert / own-solution NLL under the base model (measured; log scale)\n(textbook_frac)")
         a.grid(alpha=0.3)
     ax.set_ylabel("avg@k accuracy (%): mean over seeds, 95 % interval")
     ax.set_title("each arm")
