@@ -68,7 +68,7 @@ pull: install
 # CI runs `make test`. The default world's full prepare (`world` marker, ~12 min) runs in `make test-world`;
 # `make repro` measures the same properties (metrics/probe.json world.checks, held by tests/test_world.py).
 test: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests -m "not world"
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests -m "not world" --durations=20
 
 test-fast: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests -m "not slow and not world"
