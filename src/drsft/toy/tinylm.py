@@ -214,7 +214,7 @@ def _train_loop(model, data: dict, cfg: dict, *, rank: int = 0, world: int = 1, 
 
 
 def _rank_main(rank: int, world: int, init_file: str, model, data: dict, cfg: dict, messages, out_file: str):
-    """A pretraining process (spawned by :func:`pretrain`): gloo over a file rendezvous, one share of each batch."""
+    """A pretraining process (started by :func:`pretrain`): gloo over a file rendezvous, one share of each batch."""
     import copy
     import datetime
 
@@ -235,21 +235,28 @@ def _rank_main(rank: int, world: int, init_file: str, model, data: dict, cfg: di
 
 
 def _train_processes(model, data: dict, cfg: dict, processes: int, log) -> dict:
-    """Run :func:`_train_loop` in ``processes`` spawned ranks; load rank 0's weights into ``model``."""
+    """Run :func:`_train_loop` in ``processes`` ranks; load rank 0's weights into ``model``.
+
+    Forked on Linux when each rank runs one thread: a spawned rank re-imports torch and transformers
+    and unpickles the data, ~14 s before its first step on this project's 2-core machine against ~1 s
+    forked. A forked rank sets one thread before any torch work, so it never enters the OpenMP pool
+    it inherits (the rule torch's DataLoader workers follow). Spawned otherwise."""
     import queue
+    import sys
     import tempfile
     from pathlib import Path
 
     import torch
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    method = "fork" if sys.platform.startswith("linux") and int(cfg["threads"]) == 1 else "spawn"
+    ctx = mp.get_context(method)
     messages = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="drsft-pretrain-") as tmp:
         out_file = str(Path(tmp) / "rank0.pt")
         procs = mp.start_processes(_rank_main, args=(processes, str(Path(tmp) / "rendezvous"), model, data, cfg,
                                                      messages, out_file),
-                                   nprocs=processes, join=False, start_method="spawn")
+                                   nprocs=processes, join=False, start_method=method)
 
         def drain():
             while True:
@@ -286,7 +293,7 @@ def pretrain(out_dir, examples, prompt_cfg, *, seed: int = 0, vocab_size: int = 
     the steps (spread evenly) takes a batch of ``drill_batch_size`` (default ``batch_size``) drills
     instead of chat examples. Drills are short, so those steps are cheap.
 
-    ``processes`` > 1: data parallelism over that many spawned CPU processes of ``threads`` threads
+    ``processes`` > 1: data parallelism over that many CPU processes of ``threads`` threads
     each (gloo), every one on a share of each batch's rows; the same loss and update as one process,
     up to float rounding. On small matrices two single-thread processes beat one two-thread process.
 
