@@ -106,7 +106,10 @@ def _shared_in_workspace(overrides: tuple[str, ...], name: str) -> list[str]:
     The queued arms then snapshot this dvc.lock and take those stages from the cache. Without it an
     arm at a non-default upstream setting would rerun sample, guided_align and fallback itself: DVC
     keeps stages with persisted outputs out of its run cache."""
-    dirty = set(_git("diff", "--name-only", "HEAD").split())
+    def changed_from_head() -> set[str]:
+        return set(_git("diff", "--name-only", "HEAD").split())
+
+    dirty = changed_from_head()
     if dirty & {"params.yaml", "dvc.lock"}:
         raise click.ClickException("params.yaml or dvc.lock has uncommitted changes: the arms at another setting "
                                    "run their shared stages in the workspace and restore both from HEAD afterwards; "
@@ -119,9 +122,9 @@ def _shared_in_workspace(overrides: tuple[str, ...], name: str) -> list[str]:
         click.echo(f"{name} (the shared stages, in the workspace): ran {', '.join(ran) or 'nothing (all cached)'}",
                    err=True)
     except BaseException:
-        _restore_workspace(sorted(set(_git("diff", "--name-only", "HEAD").split()) - dirty))
+        _restore_workspace(sorted(changed_from_head() - dirty))
         raise
-    return sorted(set(_git("diff", "--name-only", "HEAD").split()) - dirty)
+    return sorted(changed_from_head() - dirty)
 
 
 def _restore_workspace(changed: list[str]) -> None:

@@ -237,10 +237,10 @@ def _rank_main(rank: int, world: int, init_file: str, model, data: dict, cfg: di
 def _train_processes(model, data: dict, cfg: dict, processes: int, log) -> dict:
     """Run :func:`_train_loop` in ``processes`` ranks; load rank 0's weights into ``model``.
 
-    Forked on Linux when each rank runs one thread: a spawned rank re-imports torch and transformers
-    and unpickles the data, ~14 s before its first step on this project's 2-core machine against ~1 s
-    forked. A forked rank sets one thread before any torch work, so it never enters the OpenMP pool
-    it inherits (the rule torch's DataLoader workers follow). Spawned otherwise."""
+    Forked on Linux when each rank runs one thread: a spawned rank would re-import torch and
+    transformers and unpickle the data before its first step. A forked rank sets one thread before
+    any torch work, so it never enters the OpenMP pool it inherits (the rule torch's DataLoader
+    workers follow). Spawned otherwise."""
     import queue
     import sys
     import tempfile
