@@ -65,7 +65,7 @@ push: install
 pull: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc pull $(if $(DVC_REMOTE),-r $(DVC_REMOTE))
 
-# CI runs `make test`. The default world's full prepare (`world` marker, ~12 min) runs in `make test-world`;
+# CI runs `make test`. The default world's full prepare (`world` marker, ~8 min with its probe) runs in `make test-world`;
 # `make repro` measures the same properties (metrics/probe.json world.checks, held by tests/test_world.py).
 test: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests -m "not world" --durations=20
