@@ -76,10 +76,11 @@ test-fast: install
 test-world: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests -m world
 
-# The paper's comparison: SFT, DFT, DR+SFT, DR+DFT x 3 training seeds queued as `dvc exp run`s; writes
-# metrics/ablation.json (means, 95 % intervals, paired differences) and prints the table.
-# ABLATION_ARGS: --seeds N, --arms A, --with-is, --with-noguided, --jobs N, --plots DIR, --table-only
-# (`drsft ablation --help`).
+# The paper's comparison: SFT, DFT, DR+SFT, DR+DFT x 3 seeds queued as `dvc exp run`s; writes
+# metrics/ablation.json (means, 95 % intervals, paired differences) and prints the table. With the toy
+# model each seed is also its own pretrained base model (--worlds): the intervals then hold across machines.
+# ABLATION_ARGS: --seeds N, --arms A, --with-is, --with-noguided, --no-worlds, --jobs N, --plots DIR,
+# --table-only (`drsft ablation --help`).
 ABLATION_ARGS ?=
 ablation: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" drsft ablation $(ABLATION_ARGS)

@@ -121,8 +121,10 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
             drills = fact_drills(world.corpus, int(toy["n_drills"]), int(toy["drill_facts"]), seed=int(prep["seed"]))
         except ValueError as exc:
             raise ParamsError(f"params.yaml: prepare.toy: {exc}") from None
-        summary = pretrain(model_dir, examples, prompt_cfg, seed=int(prep["seed"]), log=log, drills=drills,
-                           **pcfg)
+        # prepare.pretrain.seed redraws only the pretraining run (the model's init and batch order) in
+        # the same world; null: prepare.seed.
+        pseed = int(prep["seed"]) if pcfg.get("seed") is None else int(pcfg["seed"])
+        summary = pretrain(model_dir, examples, prompt_cfg, log=log, drills=drills, **{**pcfg, "seed": pseed})
         summary["guided_examples"] = sum(e.hint is not None for e in examples)
         summary["wrong_examples"] = sum(not e.correct for e in examples)
         summary["textbook_examples"] = sum(e.hint is None and e.response == expert_solution(tp)

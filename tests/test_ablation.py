@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from drsft.ablation import ARMS, NOGUIDED_ARMS, PAIRS, format_tables, summarize
-from drsft.experiments import _walk, experiment_sets
+from drsft.experiments import _walk, exp_name, experiment_groups, pretrain_seeds
 
 
 def _scores(rng, p_by_bench, seeds):
@@ -69,9 +69,46 @@ def test_experiment_listing_keeps_only_finished_experiments():
     assert {k: v[0] for k, v in found.items()} == {"main": "b0", "a-s1": "r2", "a-s2": "r3"}
 
 
-def test_experiment_sets_give_each_arm_its_data_loss_seed_and_upstream_overrides():
-    sets = experiment_sets(ARMS + NOGUIDED_ARMS, [0, 1], "lr", ("train.lr=1e-4",))
+def test_experiment_groups_give_each_arm_its_data_loss_seed_and_upstream_overrides():
+    [(shared, sets, shared_name)] = experiment_groups(ARMS + NOGUIDED_ARMS, [0, 1], "lr", ("train.lr=1e-4",))
+    assert shared == ("train.lr=1e-4",) and shared_name == "shared-lr"
     assert len(sets) == 10
     assert sets["sft-lr-s1"] == ["train.data=expert", "train.loss=sft", "train.seed=1", "train.lr=1e-4"]
     assert sets["dr-noguided-dft-lr-s0"] == ["train.data=rewritten", "train.loss=dft", "train.seed=0",
                                              "guided_align.n=0", "train.lr=1e-4"]
+
+
+def test_world_groups_pretrain_a_model_per_seed_and_keep_the_workspace_world_for_the_first():
+    """--worlds: one group per seed; the first seed keeps the workspace's pretrained model (no
+    override, so its upstream stages stay cached), seed i pretrains with the pretraining seed + i
+    (prepare.pretrain.seed, else prepare.seed), and every arm of a group carries it."""
+    params = {"prepare": {"seed": 5, "pretrain": {"seed": None}}}
+    assert pretrain_seeds(params, [0, 1, 2]) == {0: None, 1: 6, 2: 7}
+    assert pretrain_seeds({"prepare": {"seed": 5, "pretrain": {"seed": 40}}}, [3, 4]) == {3: None, 4: 41}
+    groups = experiment_groups(ARMS, [0, 1], "", (), pretrain_seeds(params, [0, 1]))
+    assert [(g[0], g[2]) for g in groups] == [((), "shared-w0"), (("prepare.pretrain.seed=6",), "shared-w1")]
+    assert set(groups[1][1]) == {exp_name(a, "", 1, True) for a, _, _ in ARMS} == {"sft-w1", "dft-w1", "dr-sft-w1",
+                                                                                 "dr-dft-w1"}
+    assert groups[1][1]["dr-dft-w1"] == ["train.data=rewritten", "train.loss=dft", "train.seed=1",
+                                         "prepare.pretrain.seed=6"]
+    assert groups[0][1]["sft-w0"] == ["train.data=expert", "train.loss=sft", "train.seed=0"]
+    tagged = experiment_groups(ARMS[:1], [0, 1], "t", ("x.y=1",), {0: None, 1: 6})
+    assert [(g[0], g[2]) for g in tagged] == [(("x.y=1",), "shared-t-w0"), (("x.y=1", "prepare.pretrain.seed=6"),
+                                                                            "shared-t-w1")]
+
+
+def test_worlds_need_the_toy_model(tmp_path, monkeypatch):
+    """--worlds redraws the embedded model's pretraining: refused, before anything runs, for a hub model."""
+    from pathlib import Path
+
+    import yaml
+    from click.testing import CliRunner
+
+    from drsft.experiments import ablation_command
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["model"]["base"] = "Qwen/Qwen2.5-Math-7B"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(ablation_command, ["--worlds"])
+    assert result.exit_code == 2 and "not toy" in result.output, result.output

@@ -3,7 +3,7 @@
 Checks that every stage writes its outputs and metrics, that a second `dvc repro` runs nothing,
 that changing a param reruns exactly the stages it affects (a train param: `train` and
 `evaluate@trained`); `make ablation`'s script queues arms x seeds and writes metrics/ablation.json,
-and at an upstream setting runs the shared stages once.
+and with a base model per seed (--worlds) runs each world's shared stages once.
 """
 
 import json
@@ -82,9 +82,9 @@ def test_exp_run_with_a_loss_reruns_only_train_and_evaluate(repo, first_repro):
 
 
 def test_ablation_queues_arms_and_seeds_runs_only_train_and_evaluate_and_writes_intervals(repo, first_repro):
-    """`make ablation`'s script: one of the arms (--arms; the four differ only in train.data and
-    train.loss, composed by experiment_sets, unit-tested) x two training seeds as queued `dvc exp
-    run`s, the workspace left as it was, metrics/ablation.json with intervals and the paired
+    """`make ablation`'s script with --no-worlds: one of the arms (--arms; the four differ only in
+    train.data and train.loss, composed by experiment_groups, unit-tested) x two training seeds on the
+    workspace's base model as queued `dvc exp run`s, the workspace left as it was, metrics/ablation.json with intervals and the paired
     comparison of that arm with the base model, the table printed."""
     dst, env = repo
     # as a user's checkout: metrics/ and dvclive/ (cache: false outputs) are in git, which is all
@@ -93,7 +93,7 @@ def test_ablation_queues_arms_and_seeds_runs_only_train_and_evaluate_and_writes_
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "outputs"], dst, env)
     params_before = (dst / "params.yaml").read_text()
     arms = ("dr-dft",)
-    proc = subprocess.run([sys.executable, "-m", "drsft", "ablation", "--seeds", "2", "--n-boot", "300",
+    proc = subprocess.run([sys.executable, "-m", "drsft", "ablation", "--no-worlds", "--seeds", "2", "--n-boot", "300",
                            *[a for arm in arms for a in ("--arms", arm)], "--plots", "abl_plots"],
                           cwd=dst, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -130,37 +130,48 @@ def test_ablation_queues_arms_and_seeds_runs_only_train_and_evaluate_and_writes_
     assert (dst / "params.yaml").read_text() == params_before   # queued runs do not touch the workspace
 
 
-def test_ablation_at_an_upstream_setting_runs_the_shared_stages_once_and_restores_the_workspace(repo, first_repro):
-    """`--set` on an upstream param (as `make gap-sweep` sets the world's knob): the stages every arm
-    shares run once, in the workspace, at that setting; the queued arm then runs only train and
-    evaluate@trained (stages with persisted outputs are outside DVC's run cache: without this each
-    arm would rerun sample, guided_align and fallback); the workspace is left as it was. A dirty
-    params.yaml, which the restore would lose, is refused before anything runs."""
+def test_ablation_with_worlds_pretrains_a_model_per_seed_once_and_restores_the_workspace(repo, first_repro):
+    """`--worlds` (the default for the toy model): seed 0 keeps the workspace's base model, seed 1
+    pretrains its own (prepare.pretrain.seed) and runs the stages its arms share once, in the
+    workspace; the queued arms then run only train and evaluate@trained (stages with persisted outputs
+    are outside DVC's run cache: without this each arm would rerun sample, guided_align and
+    fallback); the workspace is left as it was. The base model has a row per world, the worlds'
+    checks are in the summary. A dirty params.yaml, which the restore would lose, is refused before
+    anything runs."""
     dst, env = repo
     _run(["git", "add", "-A"], dst, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "outputs", "--allow-empty"], dst, env)
     params = (dst / "params.yaml").read_text()
-    cmd = [sys.executable, "-m", "drsft", "ablation", "--arms", "dr-dft", "--seeds", "1", "--n-boot", "200",
-           "--set", "sample.temperature=0.8", "--tag", "t08"]
+    cmd = [sys.executable, "-m", "drsft", "ablation", "--arms", "dr-dft", "--seeds", "2", "--n-boot", "200",
+           "--tag", "w"]
     (dst / "params.yaml").write_text(params + "\n# an uncommitted edit\n")
     proc = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "uncommitted changes" in proc.stderr, proc.stderr[-3000:]
+    assert "queued" not in proc.stderr
     (dst / "params.yaml").write_text(params)
 
     proc = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ran = dict(re.findall(r"^(\S+)(?: \(the shared stages, in the workspace\))?: ran (.*)$", proc.stderr, re.M))
-    assert set(ran) == {"shared-t08", "dr-dft-t08-s0"}, proc.stderr[-3000:]
-    assert "sample" in ran["shared-t08"].split(", "), ran   # (then whatever its outputs change)
-    assert ran["dr-dft-t08-s0"] == "nothing (all cached)" or \
-        set(ran["dr-dft-t08-s0"].split(", ")) <= {"train", "evaluate@trained"}, ran
+    assert set(ran) == {"shared-w-w1", "dr-dft-w-w0", "dr-dft-w-w1"}, proc.stderr[-3000:]
+    assert {"prepare", "sample", "evaluate@base"} <= set(ran["shared-w-w1"].split(", ")), ran
+    for name in ("dr-dft-w-w0", "dr-dft-w-w1"):
+        assert ran[name] == "nothing (all cached)" or set(ran[name].split(", ")) <= {"train", "evaluate@trained"}, ran
     assert (dst / "params.yaml").read_text() == params
     status = _run(["git", "status", "--porcelain"], dst, env)
-    assert status.split() == ["??", "metrics/ablation-t08.json"], status
+    assert status.split() == ["??", "metrics/ablation-w.json"], status
     assert "up to date" in _run([DVC, "status"], dst, env)
-    summary = json.loads((dst / "metrics/ablation-t08.json").read_text())
-    assert summary["overrides"] == ["sample.temperature=0.8"] and summary["arms"]["dr-dft"]["seeds"] == 1
+    summary = json.loads((dst / "metrics/ablation-w.json").read_text())
+    assert summary["vary_world"] is True and summary["seeds"] == [0, 1]
+    assert summary["arms"]["base"]["seeds"] == 2 and summary["arms"]["dr-dft"]["seeds"] == 2
+    seed0 = yaml.safe_load(params)["prepare"]["seed"]
+    assert [w["pretrain_seed"] for w in summary["worlds"]] == [seed0, seed0 + 1]
+    assert all(isinstance(w["checks"], dict) and w["probe"]["solve_rate"] is not None and w["rewrite_tiers"]
+               for w in summary["worlds"])
     show = subprocess.run([DVC, "exp", "show", "--json"], cwd=dst, env=env, capture_output=True, text=True, timeout=300)
     found = {}
     _walk(json.loads(show.stdout), found)
-    assert found["dr-dft-t08-s0"][1]["params"]["params.yaml"]["data"]["sample"]["temperature"] == 0.8
+    assert found["dr-dft-w-w1"][1]["params"]["params.yaml"]["data"]["prepare"]["pretrain"]["seed"] == seed0 + 1
+    loss = [found[n][1]["metrics"]["metrics/prepare.json"]["data"]["model"]["pretrain"]["loss_final"]
+            for n in ("dr-dft-w-w0", "dr-dft-w-w1")]
+    assert loss[0] != loss[1], loss   # two pretraining runs, two base models

@@ -64,6 +64,23 @@ def test_seed_noise_enters_the_interval():
     assert point({"b": [[0.0] * 50, [1.0] * 50]})["average"] == 0.5
 
 
+def test_paired_seeds_remove_the_world_to_world_variation_the_arms_share():
+    """Two worlds, world 1 scoring 0.5 higher in both arms, arm B 0.1 above A in each: each arm's
+    interval spans the worlds ([mean of world 0, mean of world 1]), the paired difference is exact;
+    resampled per arm, the difference would range over +-0.5."""
+    a = [[0.2] * 30, [0.7] * 30]
+    b = [[0.3] * 30, [0.8] * 30]
+    reps = bootstrap({"A": {"b": a}, "B": {"b": b}}, n_boot=4000, seed=7, paired_seeds=True)
+    assert interval(reps["A"]["average"]) == pytest.approx([0.2, 0.7])
+    lo, hi = interval(reps["B"]["average"] - reps["A"]["average"])
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    unpaired = bootstrap({"A": {"b": a}, "B": {"b": b}}, n_boot=4000, seed=7)
+    lo, hi = interval(unpaired["B"]["average"] - unpaired["A"]["average"])
+    assert lo == pytest.approx(-0.4) and hi == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="same number of seed rows"):
+        bootstrap({"A": {"b": a}, "B": {"b": [0.1] * 30}}, paired_seeds=True)
+
+
 def test_arms_must_share_problems_and_seed_counts():
     with pytest.raises(ValueError, match="same problems"):
         bootstrap({"A": {"b": [1.0, 0.0]}, "B": {"b": [1.0, 0.0, 1.0]}})

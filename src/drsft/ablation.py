@@ -4,7 +4,8 @@
 (the mean of each problem's k verdicts, from ``data/evaluate*/<benchmark>.jsonl``) to
 :func:`summarize`, which writes what ``metrics/ablation.json`` holds. The intervals come from
 :func:`drsft.stats.bootstrap`: problems resampled within each benchmark and shared by every arm
-(paired: the same problems and evaluation seed for all arms), training seeds resampled per arm.
+(paired: the same problems and evaluation seed for all arms), training seeds resampled per arm, or,
+when every seed is its own world (``drsft ablation --worlds``), resampled together across the arms.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ EXTRA_PAIRS = [("dr-dft", "dr-noguided-dft")]
 
 
 def summarize(scores: Mapping[str, Mapping[str, Sequence]], pairs: Sequence[tuple[str, str]] = PAIRS,
-              n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level: float = 0.95) -> dict:
-    """``scores``: ``{arm: {benchmark: (seeds, problems) scores}}`` (``base``: one row). Returns the
-    ``arms`` and ``comparisons`` sections of ``metrics/ablation.json``; pairs naming an absent arm
-    are skipped."""
-    reps = bootstrap(scores, n_boot=n_boot, seed=seed)
+              n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level: float = 0.95, paired_seeds: bool = False) -> dict:
+    """``scores``: ``{arm: {benchmark: (seeds, problems) scores}}`` (``base``: one row, or one per
+    seed with ``paired_seeds``: row i of every arm from the same world). Returns the ``arms`` and
+    ``comparisons`` sections of ``metrics/ablation.json``; pairs naming an absent arm are skipped."""
+    reps = bootstrap(scores, n_boot=n_boot, seed=seed, paired_seeds=paired_seeds)
     arms: dict[str, dict] = {}
     for arm, benches in scores.items():
         pt = point(benches)

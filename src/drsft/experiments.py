@@ -4,7 +4,12 @@ write ``metrics/ablation.json`` and print the table with 95 % intervals.
 1. ``dvc repro`` in the workspace: the shared upstream stages, once; a no-op when up to date. With
    ``--set``, they run once at those settings as the workspace experiment ``shared-<tag>``, the arms
    are queued on top of its dvc.lock, and the workspace is restored from HEAD.
-2. Each arm and training seed is queued: ``dvc exp run --queue -n <arm>-s<seed> -S train.data=...
+   With ``--worlds`` (the default for the embedded toy model) each seed is also its own world: seed i
+   > 0 pretrains its own base model (``prepare.pretrain.seed`` + i: the same problems, another
+   pretraining run, as another machine's float path gives) and runs its shared stages once as
+   ``shared[-<tag>]-w<seed>``; its arms are queued on that, named ``<arm>-w<seed>``. The base model
+   then has a row per seed, and every interval counts the model-to-model variation.
+2. Each arm and seed is queued: ``dvc exp run --queue -n <arm>-s<seed> -S train.data=...
    -S train.loss=... -S train.seed=<seed>``. A queued experiment snapshots the workspace and runs in
    its own temporary directory, so the workspace is never touched.
 3. ``dvc exp run --run-all --jobs N`` runs the queue. Every stage upstream of ``train`` comes from the
@@ -14,11 +19,13 @@ write ``metrics/ablation.json`` and print the table with 95 % intervals.
 4. The per-problem scores of every experiment (``data/evaluate/<benchmark>.jsonl`` at the
    experiment's commit, read from the DVC cache through ``dvc.api.DVCFileSystem``) and of the base
    model go to :func:`drsft.ablation.summarize`: mean avg@k per arm over seeds and problems, a 95 %
-   interval that counts training-seed and evaluation noise, and the paired differences the paper
+   interval that counts seed (training run, and with ``--worlds`` pretrained model) and evaluation
+   noise, and the paired differences the paper
    reports (DR+DFT − DFT, DR+SFT − SFT, DR+DFT − base, DFT − SFT). Written to ``metrics/ablation.json``
    (``metrics/ablation-<tag>.json`` with ``--tag``) and printed as ``mean ± half-width``.
 
-    drsft ablation                      # four arms x 3 seeds (make ablation)
+    drsft ablation                      # four arms x 3 seeds (make ablation; toy: 3 worlds)
+    drsft ablation --no-worlds          # toy: every seed on the workspace's one pretrained model
     drsft ablation --seeds 5 --with-is  # more seeds, plus rewritten+is and rewritten+is_dft
     drsft ablation --with-noguided      # plus DR+DFT without guided re-solving (DR+DFT vs it)
     drsft ablation --arms dft --arms dr-dft   # a subset of the arms
@@ -50,8 +57,10 @@ def _dvc(*args: str) -> str:
     return (proc.stdout or "") + (proc.stderr or "")
 
 
-def exp_name(arm: str, tag: str, seed: int) -> str:
-    return f"{arm}-{tag}-s{seed}" if tag else f"{arm}-s{seed}"
+def exp_name(arm: str, tag: str, seed: int, worlds: bool = False) -> str:
+    """``<arm>[-<tag>]-s<seed>``; ``-w<seed>`` when each seed is also its own world (``--worlds``)."""
+    unit = f"w{seed}" if worlds else f"s{seed}"
+    return f"{arm}-{tag}-{unit}" if tag else f"{arm}-{unit}"
 
 
 def _walk(node, found: dict, state: str | None = None) -> None:
@@ -96,7 +105,16 @@ def _git(*args: str) -> str:
     return proc.stdout
 
 
-SHARED_TARGETS = ("fallback", "evaluate@base")  # everything upstream of train, and the base model's evaluation
+# everything upstream of train, the base model's evaluation and the probe of the world (its metrics
+# are the world's checks; nothing depends on it, so an arm would otherwise run it)
+SHARED_TARGETS = ("fallback", "evaluate@base", "probe")
+
+
+def _refuse_dirty(changed: set[str]) -> None:
+    if changed & {"params.yaml", "dvc.lock"}:
+        raise click.ClickException("params.yaml or dvc.lock has uncommitted changes: the arms at another setting "
+                                   "run their shared stages in the workspace and restore both from HEAD afterwards; "
+                                   "commit or stash them first")
 
 
 def _shared_in_workspace(overrides: tuple[str, ...], name: str) -> list[str]:
@@ -110,10 +128,7 @@ def _shared_in_workspace(overrides: tuple[str, ...], name: str) -> list[str]:
         return set(_git("diff", "--name-only", "HEAD").split())
 
     dirty = changed_from_head()
-    if dirty & {"params.yaml", "dvc.lock"}:
-        raise click.ClickException("params.yaml or dvc.lock has uncommitted changes: the arms at another setting "
-                                   "run their shared stages in the workspace and restore both from HEAD afterwards; "
-                                   "commit or stash them first")
+    _refuse_dirty(dirty)
     if name in set(_dvc("exp", "list", "--name-only").split()):
         _dvc("exp", "remove", name)
     try:
@@ -134,16 +149,28 @@ def _restore_workspace(changed: list[str]) -> None:
     _dvc("checkout", "--force")
 
 
-def run_experiments(names: dict[str, list[str]], jobs: int, keep_existing: bool = False,
-                    shared: tuple[str, ...] = (), tag: str = "") -> None:
-    """Queue ``{experiment name: [-S overrides]}``, run the queue, report what each ran. An experiment
-    of that name on this commit is replaced, or kept (not rerun) with ``keep_existing``.
+Group = tuple[tuple[str, ...], dict[str, list[str]], str]
+"""(overrides every experiment of the group shares, ``{experiment name: its -S overrides}``, the name of
+the workspace experiment that runs the shared stages at those overrides)."""
 
-    ``shared``: overrides every experiment carries (``--set``): the stages the arms share run once at
-    them in the workspace before queueing (:func:`_shared_in_workspace`); the workspace is restored
-    once the experiments are queued."""
-    if not shared:
+
+def run_experiments(groups: list[Group], jobs: int, keep_existing: bool = False) -> None:
+    """Queue every group's experiments, run the queue, report what each ran. An experiment of that
+    name on this commit is replaced, or kept (not rerun) with ``keep_existing``.
+
+    A group without shared overrides is queued on the workspace as it is (after ``dvc repro``: the
+    shared upstream stages, once). A group with them first runs the stages its arms share once at
+    them in the workspace (:func:`_shared_in_workspace`); the workspace is restored once the group is
+    queued, so each group's experiments snapshot their own shared stages."""
+    restores = any(shared for shared, _, _ in groups)
+    if restores:
+        _refuse_dirty(set(_git("diff", "--name-only", "HEAD").split()))  # before anything runs
+    if any(not shared for shared, _, _ in groups):
         _dvc("repro")  # the shared upstream stages, once (a no-op when up to date)
+        if restores and "dvc.lock" in _git("diff", "--name-only", "HEAD").split():
+            raise click.ClickException("`dvc repro` changed dvc.lock (the workspace was not up to date): commit it "
+                                       "(`git add dvc.lock metrics dvclive && git commit`) and rerun; the groups "
+                                       "run at other settings restore dvc.lock from HEAD")
     missing = untracked_outputs()
     if missing:
         raise click.ClickException(
@@ -151,26 +178,32 @@ def run_experiments(names: dict[str, list[str]], jobs: int, keep_existing: bool 
             "experiment starts from a git snapshot, so its stages would rerun in every arm and its metrics would "
             "be missing from the table: commit them first (`git add metrics dvclive && git commit`)")
     existing = set(_dvc("exp", "list", "--all-commits", "--name-only").split())
-    if keep_existing:
-        kept = set(experiments()) & set(names)
-        for name in sorted(kept):
+    kept = set(experiments()) if keep_existing else set()
+    queued: list[str] = []
+    for shared, names, shared_name in groups:
+        for name in sorted(kept & set(names)):
             click.echo(f"{name}: kept (exists on this commit)", err=True)
-        names = {n: s for n, s in names.items() if n not in kept}
-    changed = _shared_in_workspace(shared, f"shared-{tag}" if tag else "shared") if shared and names else None
-    try:
-        for name, sets in names.items():
-            if name in existing:
-                _dvc("exp", "remove", name)
-            _dvc("exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)])
-            click.echo(f"queued {name}: {' '.join(sets)}", err=True)
-    finally:
-        if changed is not None:
-            _restore_workspace(changed)
+        names = {n: sets for n, sets in names.items() if n not in kept}
+        if not names:
+            continue
+        changed = _shared_in_workspace(shared, shared_name) if shared else None
+        try:
+            for name, sets in names.items():
+                if name in existing:
+                    _dvc("exp", "remove", name)
+                _dvc("exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)])
+                queued.append(name)
+                click.echo(f"queued {name}: {' '.join(sets)}", err=True)
+        finally:
+            if changed is not None:
+                _restore_workspace(changed)
+    if not queued:
+        return
     proc = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], capture_output=True, text=True)
-    for name in names:
+    for name in queued:
         click.echo(f"{name}: ran {', '.join(_ran(name)) or 'nothing (all cached)'}", err=True)
     shown = set(_dvc("exp", "list", "--name-only").split())
-    failed = [name for name in names if name not in shown]
+    failed = [name for name in queued if name not in shown]
     if proc.returncode != 0 or failed:
         raise click.ClickException(
             f"experiment(s) {', '.join(failed) or '?'} failed (see `dvc queue logs <name>` and `dvc queue status`):\n"
@@ -192,51 +225,102 @@ def read_scores(rev: str, folder: str, benchmarks: list[str]) -> dict[str, list[
     return out
 
 
-def collect(arms: list[tuple[str, str, str]], seeds: list[int], tag: str) -> tuple[dict, dict, dict]:
+WORLD_KEYS = ("nll_expert", "nll_own_correct", "nll_ratio_expert_to_own", "solve_rate", "headroom_families")
+
+
+def _world_of(data: dict) -> dict:
+    """The world's probe figures and checks, and the rewrite's tiers, from an experiment's metrics."""
+    metrics = data.get("metrics") or {}
+    world = ((metrics.get("metrics/probe.json") or {}).get("data") or {}).get("world") or {}
+    rewrite = ((metrics.get("metrics/rewrite.json") or {}).get("data") or {})
+    return {"world": {k: world.get(k) for k in WORLD_KEYS if k in world}, "probe": world,
+            "rewrite_tiers": {t: v.get("count") for t, v in (rewrite.get("tiers") or {}).items()}}
+
+
+def collect(arms: list[tuple[str, str, str]], seeds: list[int], tag: str,
+            worlds: bool = False) -> tuple[dict, dict, dict]:
     """Scores ``{arm: {benchmark: [seed rows]}}`` (with ``base``), arm info and the world's metrics,
-    from the experiments of this baseline."""
+    from the experiments of this baseline. With ``worlds`` the base model has a row per seed too
+    (each seed's own pretrained model) and the context lists every world."""
     found = experiments()
-    names = {(a, s): exp_name(a, tag, s) for a, _, _ in arms for s in seeds}
+    names = {(a, s): exp_name(a, tag, s, worlds) for a, _, _ in arms for s in seeds}
     missing = [n for n in names.values() if n not in found]
     if missing:
         raise click.ClickException(f"no experiment(s) {', '.join(missing)} on this commit: run without --table-only")
     first_rev, first = found[names[(arms[0][0], seeds[0])]]
     params = ((first.get("params") or {}).get("params.yaml") or {}).get("data") or {}
     benchmarks = list(params["evaluate"]["benchmarks"])
-    scores: dict[str, dict[str, list]] = {"base": read_scores(first_rev, "data/evaluate_base", benchmarks)}
+    base_rows = [read_scores(found[names[(arms[0][0], s)]][0], "data/evaluate_base", benchmarks)
+                 for s in (seeds if worlds else seeds[:1])]
+    scores: dict[str, dict[str, list]] = {"base": {b: [r[b] for r in base_rows] for b in benchmarks}}
     for arm, _, _ in arms:
         rows = [read_scores(found[names[(arm, s)]][0], "data/evaluate", benchmarks) for s in seeds]
         scores[arm] = {b: [r[b] for r in rows] for b in benchmarks}
-    metrics = first.get("metrics") or {}
-    world = ((metrics.get("metrics/probe.json") or {}).get("data") or {}).get("world") or {}
-    rewrite = ((metrics.get("metrics/rewrite.json") or {}).get("data") or {})
+    first_world = _world_of(first)
     context = {"k": params["evaluate"]["k"], "evaluate_seed": params["evaluate"]["seed"],
-               "problems": {b: len(v) for b, v in scores["base"].items()},
-               "world": {k: world.get(k) for k in ("nll_expert", "nll_own_correct", "nll_ratio_expert_to_own",
-                                                     "solve_rate", "headroom_families") if k in world},
-               "rewrite_tiers": {t: v.get("count") for t, v in (rewrite.get("tiers") or {}).items()},
-               "textbook_frac": params["prepare"]["toy"]["textbook_frac"] if params["prepare"]["source"] == "toy" else None}
+               "problems": {b: len(v[0]) for b, v in scores["base"].items()},
+               "world": first_world["world"], "rewrite_tiers": first_world["rewrite_tiers"],
+               "textbook_frac": params["prepare"]["toy"]["textbook_frac"] if params["prepare"]["source"] == "toy" else None,
+               "vary_world": worlds}
+    if worlds:
+        per_world = []
+        for s in seeds:
+            data = found[names[(arms[0][0], s)]][1]
+            p = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+            pseed = p["prepare"]["pretrain"].get("seed")
+            w = _world_of(data)
+            per_world.append({"seed": s, "pretrain_seed": p["prepare"]["seed"] if pseed is None else pseed,
+                              "checks": w["probe"].get("checks"), "probe": w["probe"],
+                              "rewrite_tiers": w["rewrite_tiers"]})
+        context["worlds"] = per_world
     return scores, {a: (d, loss) for a, d, loss in arms}, context
 
 
-def experiment_sets(arms, seeds: list[int], tag: str, overrides: tuple[str, ...]) -> dict[str, list[str]]:
-    """``{experiment name: its -S overrides}``: the arm's data, loss and seed, the arm's own upstream
-    overrides (drsft.ablation.ARM_OVERRIDES), then the ones every arm shares."""
-    return {exp_name(a, tag, s): [f"train.data={d}", f"train.loss={loss}", f"train.seed={s}",
-                                  *ARM_OVERRIDES.get(a, ()), *overrides]
-            for a, d, loss in arms for s in seeds}
+def pretrain_seeds(params: dict, seeds: list[int]) -> dict[int, int | None]:
+    """``{seed: prepare.pretrain.seed of its world}`` for ``--worlds``: the first seed keeps the
+    workspace's world (None: no override, so its stages stay cached); seed ``base + i`` pretrains
+    with the workspace's pretraining seed + i."""
+    prep = params["prepare"]
+    p0 = prep["pretrain"].get("seed")
+    p0 = int(prep["seed"]) if p0 is None else int(p0)
+    return {s: None if i == 0 else p0 + i for i, s in enumerate(seeds)}
+
+
+def experiment_groups(arms, seeds: list[int], tag: str, overrides: tuple[str, ...],
+                      worlds: dict[int, int | None] | None = None) -> list[Group]:
+    """The experiments to queue, grouped by the upstream overrides they share: each arm's data, loss
+    and seed, the arm's own upstream overrides (drsft.ablation.ARM_OVERRIDES), then the ones every
+    arm shares. ``worlds`` (``{seed: pretraining seed or None}``, :func:`pretrain_seeds`): one group
+    per seed, whose arms share that seed's pretrained model."""
+    def sets(a, d, loss, s, shared):
+        return [f"train.data={d}", f"train.loss={loss}", f"train.seed={s}", *ARM_OVERRIDES.get(a, ()), *shared]
+
+    shared_name = f"shared-{tag}" if tag else "shared"
+    if worlds is None:
+        return [(overrides, {exp_name(a, tag, s): sets(a, d, loss, s, overrides) for a, d, loss in arms
+                             for s in seeds}, shared_name)]
+    groups = []
+    for s in seeds:
+        shared = overrides + (() if worlds[s] is None else (f"prepare.pretrain.seed={worlds[s]}",))
+        groups.append((shared, {exp_name(a, tag, s, True): sets(a, d, loss, s, shared) for a, d, loss in arms},
+                       f"{shared_name}-w{s}"))
+    return groups
 
 
 def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs: int, table_only: bool,
-             n_boot: int, out: str, keep_existing: bool = False) -> dict:
+             n_boot: int, out: str, keep_existing: bool = False, worlds: bool = False) -> dict:
     if not table_only:
-        run_experiments(experiment_sets(arms, seeds, tag, overrides), jobs, keep_existing, overrides, tag)
-    scores, info, context = collect(arms, seeds, tag)
-    summary = summarize(scores, PAIRS + EXTRA_PAIRS, n_boot=n_boot)  # pairs naming an absent arm are skipped
+        plan = pretrain_seeds(load_params("params.yaml"), seeds) if worlds else None
+        run_experiments(experiment_groups(arms, seeds, tag, overrides, plan), jobs, keep_existing)
+    scores, info, context = collect(arms, seeds, tag, worlds)
+    # pairs naming an absent arm are skipped; with worlds, seed i of every arm (and of the base
+    # model) shares one pretrained model, so the seed rows are paired
+    summary = summarize(scores, PAIRS + EXTRA_PAIRS, n_boot=n_boot, paired_seeds=worlds)
     result = {"seeds": seeds, "n_boot": n_boot, "level": 0.95, "overrides": list(overrides), **context, **summary}
     write_json(out, result)
     click.echo(format_tables(summary, info))
-    click.echo(f"\navg@{context['k']} accuracy (%), mean over {len(seeds)} training seed(s) and "
+    unit = "seed(s), each its own pretrained model and training run," if worlds else "training seed(s) and"
+    click.echo(f"\navg@{context['k']} accuracy (%), mean over {len(seeds)} {unit} "
                f"{sum(context['problems'].values())} problems ± the half-width of the 95 % interval "
                f"(problems and seeds resampled); written to {out}", err=True)
     return result
@@ -259,11 +343,23 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
 @click.option("--tag", default="", help="part of the experiment names (sft-<tag>-s0, ...) and of the output file")
 @click.option("--n-boot", type=click.IntRange(min=100), default=2000, show_default=True, help="bootstrap resamples")
 @click.option("--out", default=None, help="summary file [default: metrics/ablation.json, or metrics/ablation-<tag>.json]")
-def ablation_command(n_seeds, with_is, with_noguided, only, table_only, jobs, plots_dir, overrides, tag, n_boot, out):
-    """The paper's comparison: the arms x training seeds as queued `dvc exp run`s, then
+@click.option("--worlds/--no-worlds", default=None,
+              help="each seed also pretrains its own base model (prepare.pretrain.seed), so the intervals count "
+                   "the model-to-model variation another machine's float path brings [default: on for the "
+                   "embedded toy model]")
+def ablation_command(n_seeds, with_is, with_noguided, only, table_only, jobs, plots_dir, overrides, tag, n_boot, out,
+                     worlds):
+    """The paper's comparison: the arms x seeds as queued `dvc exp run`s, then
     metrics/ablation.json (means, 95 % intervals, paired differences) and the table."""
     if overrides and not tag:
         raise click.UsageError("--set needs a --tag, so that these arms do not replace the default ones")
+    params = load_params("params.yaml")
+    toy = params["model"]["base"] == "toy"
+    if worlds is None:
+        worlds = toy
+    elif worlds and not toy:
+        raise click.UsageError("--worlds redraws the embedded model's pretraining (prepare.pretrain.seed): "
+                               f"model.base is {params['model']['base']!r}, not toy")
     arms = ARMS + (IS_ARMS if with_is else []) + (NOGUIDED_ARMS if with_noguided else [])
     if only:
         unknown = sorted(set(only) - {a for a, _, _ in arms})
@@ -271,11 +367,11 @@ def ablation_command(n_seeds, with_is, with_noguided, only, table_only, jobs, pl
             raise click.UsageError(f"--arms: unknown arm(s) {', '.join(unknown)}; the selected set is "
                                    f"{', '.join(a for a, _, _ in arms)} (--with-is / --with-noguided add more)")
         arms = [arm for arm in arms if arm[0] in only]
-    base_seed = int(load_params("params.yaml")["train"]["seed"])
+    base_seed = int(params["train"]["seed"])
     seeds = [base_seed + i for i in range(n_seeds)]
     ablation(arms, seeds, tag, overrides, jobs, table_only, n_boot,
-             out or (f"metrics/ablation-{tag}.json" if tag else "metrics/ablation.json"))
+             out or (f"metrics/ablation-{tag}.json" if tag else "metrics/ablation.json"), worlds=worlds)
     if plots_dir:
-        _dvc("plots", "diff", *[exp_name(a, tag, seeds[0]) for a, _, _ in arms], "--out", plots_dir)
+        _dvc("plots", "diff", *[exp_name(a, tag, seeds[0], worlds) for a, _, _ in arms], "--out", plots_dir)
         click.echo(f"plots: {Path(plots_dir) / 'index.html'}", err=True)
 

@@ -2,7 +2,9 @@
 
 The embedded world's gap knob is ``prepare.toy.textbook_frac``, the share of the base model's plain
 pretraining examples answered in the expert's textbook style (drsft.toy.world.pretraining_examples). It
-changes the base model as well as the gap: each setting is its own world.
+changes the base model as well as the gap: each setting is its own world. Each setting pretrains one
+base model (the ablation's ``--worlds`` is not applied: it would pretrain one per seed and setting),
+so a setting's intervals count training seeds and evaluation, not the model-to-model variation.
 For each setting this runs the ablation (:mod:`drsft.experiments`: the stages the arms share --
 pretraining that setting's base model, the probe, sampling, rewriting, the base model's evaluation --
 once in the workspace, then the four arms x ``--seeds`` training seeds as queued ``dvc exp run``s
@@ -93,7 +95,7 @@ def _current_ablation(seeds: list[int], value: float) -> dict | None:
         return None
     a = json.loads(path.read_text())
     same = (a.get("seeds") == seeds and a.get("textbook_frac") == value and not a.get("overrides")
-            and all(arm in a.get("arms", {}) for arm, _, _ in ARMS))
+            and not a.get("vary_world") and all(arm in a.get("arms", {}) for arm, _, _ in ARMS))
     return a if same else None
 
 

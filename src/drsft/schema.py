@@ -179,6 +179,7 @@ class PretrainSection(_Section):
     log_every: PosInt
     drill_frac: Annotated[float, Strict(), Field(ge=0, lt=1, allow_inf_nan=False)]
     drill_batch_size: PosInt | None    # null: batch_size
+    seed: NonNegInt | None             # the pretraining run (init, batch order); null: prepare.seed
 
     @field_validator("num_heads")
     @classmethod

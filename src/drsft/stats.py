@@ -13,7 +13,10 @@ Every interval in drsft comes from one resampling scheme, :func:`bootstrap`:
 * **Paired comparisons**: every arm uses the *same* problem resample in each replicate (the arms
   were evaluated on the same problems with the same evaluation seed), so the interval of a
   difference is the percentile interval of the replicate differences, which removes the problem
-  difficulty that the arms share.
+  difficulty that the arms share. With ``paired_seeds`` the seed rows are paired too (row i of
+  every arm comes from the same world, e.g. the same pretrained model): one seed resample per
+  replicate, shared by all arms, so a difference also loses the world-to-world variation the arms
+  share.
 
 Percentile intervals at ``level`` (95 %). numpy only, vectorised: scipy's ``bootstrap`` does not
 resample a crossed design or keep one problem resample across several arms.
@@ -48,7 +51,7 @@ def _as_matrix(scores) -> np.ndarray:
 
 
 def bootstrap(arms: Mapping[str, Mapping[str, Sequence]], n_boot: int = DEFAULT_N_BOOT,
-              seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+              seed: int = 0, paired_seeds: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Bootstrap replicates of each arm's accuracy.
 
     ``arms``: ``{arm: {benchmark: scores}}`` where ``scores`` is a vector of per-problem scores (one
@@ -56,7 +59,8 @@ def bootstrap(arms: Mapping[str, Mapping[str, Sequence]], n_boot: int = DEFAULT_
     the same benchmarks with the same number of problems, in the same problem order (the pairing).
 
     Returns ``{arm: {benchmark: replicates, "average": replicates}}``, each an ``(n_boot,)`` array;
-    the problem resample of replicate b is shared by all arms, the seed resample is drawn per arm.
+    the problem resample of replicate b is shared by all arms, the seed resample is drawn per arm,
+    or, with ``paired_seeds`` (every arm then has the same number of seed rows), shared as well.
     """
     if not arms:
         raise ValueError("bootstrap: no arms")
@@ -70,10 +74,17 @@ def bootstrap(arms: Mapping[str, Mapping[str, Sequence]], n_boot: int = DEFAULT_
                              "arms must be evaluated on the same problems to be compared)")
     rng = np.random.default_rng(seed)
     problem_idx = {b: rng.integers(0, n, size=(n_boot, n)) for b, n in shape.items()}
+    shared_idx = None
+    if paired_seeds:
+        counts = {a: next(iter(benches.values())).shape[0] for a, benches in mats.items()}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"bootstrap: paired seeds need the same number of seed rows in every arm, got {counts}")
+        n_rows = next(iter(counts.values()))
+        shared_idx = rng.integers(0, n_rows, size=(n_boot, n_rows))
     out: dict[str, dict[str, np.ndarray]] = {}
     for a, benches in mats.items():
         n_seeds = next(iter(benches.values())).shape[0]
-        seed_idx = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+        seed_idx = shared_idx if shared_idx is not None else rng.integers(0, n_seeds, size=(n_boot, n_seeds))
         reps = {}
         for b, m in benches.items():
             if m.shape[0] != n_seeds:
