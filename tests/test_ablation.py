@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from drsft.ablation import ARMS, NOGUIDED_ARMS, PAIRS, format_tables, summarize
+from drsft.ablation import ARMS, NOGUIDED_ARMS, PAIRS, format_tables, summarize, t_quantile, world_interval
 from drsft.experiments import _walk, exp_name, experiment_groups, pretrain_seeds
 
 
@@ -43,6 +43,45 @@ def test_no_difference_is_called_unresolved():
     assert c["diff_ci"][0] < 0 < c["diff_ci"][1] and not c["resolved"]
     table = format_tables(s, {"dft": ("expert", "dft"), "dr-dft": ("rewritten", "dft")})
     assert "inside the noise" in table and "| dr-dft | rewritten | dft | 3 |" in table and " ± " in table
+
+
+def test_t_quantiles_and_the_interval_over_worlds():
+    """Known values of Student's t (97.5 %: 12.706 at 1 df, 4.303 at 2, 2.571 at 5, 2.042 at 30);
+    the interval over three worlds 1, 2, 3 (sd 1) is 2 ± 4.303 / sqrt(3)."""
+    for df, q in ((1, 12.7062), (2, 4.3027), (5, 2.5706), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=1e-3)
+    assert t_quantile(0.95, 3) == pytest.approx(2.3534, abs=1e-3)
+    lo, hi = world_interval([1.0, 2.0, 3.0])
+    assert (hi - lo) / 2 == pytest.approx(4.3027 / np.sqrt(3), abs=1e-3) and (lo + hi) / 2 == pytest.approx(2.0)
+    assert world_interval([0.5]) is None
+
+
+def test_worlds_widen_intervals_the_bootstrap_cannot_reach():
+    """Three worlds whose gains over the base model are +0.2, +0.02 and +0.04 (each world's own
+    base model in row i of every arm): the bootstrap over 3 worlds cannot reach below the smallest
+    and calls the gain resolved; the t interval over the per-world gains spans 0, so the
+    comparison's interval (their union) does and it is not resolved. The table shows both."""
+    rng = np.random.default_rng(3)
+    n = 400
+    base_p, gain = [0.2, 0.15, 0.3], [0.2, 0.02, 0.04]
+    base = {"b": [(rng.random(n) < p).astype(float).tolist() for p in base_p]}
+    arm = {"b": [(rng.random(n) < p + g).astype(float).tolist() for p, g in zip(base_p, gain)]}
+    s = summarize({"base": base, "dr-dft": arm}, pairs=[("dr-dft", "base")], n_boot=2000, paired_seeds=True)
+    c = s["comparisons"]["dr-dft_vs_base"]
+    assert len(c["per_world"]) == 3 and c["per_world"][0] > 0.1
+    assert c["diff_ci"][0] > 0                                  # the bootstrap alone: "resolved"
+    assert c["world_ci"][0] < 0 < c["world_ci"][1]
+    assert c["ci"] == [min(c["diff_ci"][0], c["world_ci"][0]), max(c["diff_ci"][1], c["world_ci"][1])]
+    assert not c["resolved"]
+    assert c["benchmarks"]["b"]["ci"][0] <= c["benchmarks"]["b"]["world_ci"][0]
+    a = s["arms"]["dr-dft"]
+    assert a["ci"][0] <= min(a["avg_at_k_ci"][0], a["world_ci"][0]) and a["seeds"] == 3
+    assert a["benchmarks"]["b"]["ci"] == a["ci"]               # one benchmark: the average is it
+    table = format_tables(s)
+    assert "over worlds (t)" in table and "inside the noise" in table
+    flat = summarize({"base": base, "dr-dft": arm}, pairs=[("dr-dft", "base")], n_boot=500)
+    assert "world_ci" not in flat["comparisons"]["dr-dft_vs_base"]
+    assert flat["comparisons"]["dr-dft_vs_base"]["ci"] == flat["comparisons"]["dr-dft_vs_base"]["diff_ci"]
 
 
 def test_pairs_with_a_missing_arm_are_skipped():
@@ -112,3 +151,16 @@ def test_worlds_need_the_toy_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(ablation_command, ["--worlds"])
     assert result.exit_code == 2 and "not toy" in result.output, result.output
+
+
+def test_the_workspace_restore_touches_only_what_stages_write():
+    """After a shared run the ablation restores from HEAD only params.yaml, dvc.lock and the git-
+    tracked stage outputs (metrics/, dvclive/): a file the user edits meanwhile (code, docs, tests)
+    is never reverted, nor the script's own summaries."""
+    from drsft.experiments import _stage_written
+
+    assert all(_stage_written(p) for p in ("params.yaml", "dvc.lock", "metrics/probe.json",
+                                           "metrics/plots/tiers.csv", "dvclive/train/metrics.json"))
+    assert not any(_stage_written(p) for p in ("Makefile", "README.md", "docs/results.md", "src/drsft/stats.py",
+                                               "tests/test_ablation.py", "metrics/ablation.json",
+                                               "metrics/ablation-w.json", "metrics/gap_sweep.json"))

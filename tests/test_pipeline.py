@@ -164,6 +164,8 @@ def test_ablation_with_worlds_pretrains_a_model_per_seed_once_and_restores_the_w
     summary = json.loads((dst / "metrics/ablation-w.json").read_text())
     assert summary["vary_world"] is True and summary["seeds"] == [0, 1]
     assert summary["arms"]["base"]["seeds"] == 2 and summary["arms"]["dr-dft"]["seeds"] == 2
+    c = summary["comparisons"]["dr-dft_vs_base"]
+    assert len(c["per_world"]) == 2 and c["world_ci"] and c["ci"][0] <= min(c["diff_ci"][0], c["world_ci"][0])
     seed0 = yaml.safe_load(params)["prepare"]["seed"]
     assert [w["pretrain_seed"] for w in summary["worlds"]] == [seed0, seed0 + 1]
     assert all(isinstance(w["checks"], dict) and w["probe"]["solve_rate"] is not None and w["rewrite_tiers"]

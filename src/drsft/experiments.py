@@ -30,6 +30,7 @@ write ``metrics/ablation.json`` and print the table with 95 % intervals.
     drsft ablation --with-noguided      # plus DR+DFT without guided re-solving (DR+DFT vs it)
     drsft ablation --arms dft --arms dr-dft   # a subset of the arms
     drsft ablation --table-only         # recompute the summary from existing experiments
+    drsft ablation --seeds 6 --skip-existing   # three more seeds (worlds), the first three kept
     drsft ablation --plots ablation_plots
     drsft ablation --set train.lr=1e-4 --tag lr1e-4   # the arms at another setting
 """
@@ -91,11 +92,21 @@ def _ran(name: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", (proc.stdout or "") + (proc.stderr or ""))
 
 
+OWN_OUTPUTS = r"metrics/(ablation|gap_sweep)[^/]*\.json|metrics/plots/gap_sweep\.csv"  # written by this script
+
+
+def _stage_written(path: str) -> bool:
+    """A git-tracked file a stage run can change: params.yaml (``-S``), dvc.lock, or a ``cache: false``
+    stage output (metrics/ and dvclive/, the project's convention), not this script's own summaries."""
+    return (path in ("params.yaml", "dvc.lock") or path.startswith(("metrics/", "dvclive/"))) and \
+        not re.fullmatch(OWN_OUTPUTS, path)
+
+
 def untracked_outputs() -> list[str]:
     """Untracked files among the git-tracked (``cache: false``) stage outputs: metrics/ and dvclive/."""
     out = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", "metrics", "dvclive"],
                          capture_output=True, text=True).stdout.split()
-    return [f for f in out if not re.fullmatch(r"metrics/(ablation|gap_sweep)[^/]*\.json|metrics/plots/gap_sweep\.csv", f)]
+    return [f for f in out if not re.fullmatch(OWN_OUTPUTS, f)]
 
 
 def _git(*args: str) -> str:
@@ -119,13 +130,15 @@ def _refuse_dirty(changed: set[str]) -> None:
 
 def _shared_in_workspace(overrides: tuple[str, ...], name: str) -> list[str]:
     """Run the stages every arm shares (:data:`SHARED_TARGETS`) once, in the workspace, at ``overrides``,
-    as the experiment ``name``; return the git-tracked files that run changed (to restore afterwards).
+    as the experiment ``name``; return the git-tracked files that run changed (to restore afterwards):
+    stage-written files only (:func:`_stage_written`), so that files a user edits meanwhile (code,
+    docs) are never reverted.
 
     The queued arms then snapshot this dvc.lock and take those stages from the cache. Without it an
     arm at a non-default upstream setting would rerun sample, guided_align and fallback itself: DVC
     keeps stages with persisted outputs out of its run cache."""
     def changed_from_head() -> set[str]:
-        return set(_git("diff", "--name-only", "HEAD").split())
+        return {p for p in _git("diff", "--name-only", "HEAD").split() if _stage_written(p)}
 
     dirty = changed_from_head()
     _refuse_dirty(dirty)
@@ -320,9 +333,11 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
     write_json(out, result)
     click.echo(format_tables(summary, info))
     unit = "seed(s), each its own pretrained model and training run," if worlds else "training seed(s) and"
+    how = ("the union of the bootstrap over problems and worlds and the t interval over the worlds" if worlds
+           else "problems and seeds resampled")
     click.echo(f"\navg@{context['k']} accuracy (%), mean over {len(seeds)} {unit} "
                f"{sum(context['problems'].values())} problems ± the half-width of the 95 % interval "
-               f"(problems and seeds resampled); written to {out}", err=True)
+               f"({how}); written to {out}", err=True)
     return result
 
 
@@ -343,12 +358,14 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
 @click.option("--tag", default="", help="part of the experiment names (sft-<tag>-s0, ...) and of the output file")
 @click.option("--n-boot", type=click.IntRange(min=100), default=2000, show_default=True, help="bootstrap resamples")
 @click.option("--out", default=None, help="summary file [default: metrics/ablation.json, or metrics/ablation-<tag>.json]")
+@click.option("--skip-existing", is_flag=True,
+              help="experiments of these names on this commit are kept, not rerun (e.g. to add seeds: --seeds 6)")
 @click.option("--worlds/--no-worlds", default=None,
               help="each seed also pretrains its own base model (prepare.pretrain.seed), so the intervals count "
                    "the model-to-model variation another machine's float path brings [default: on for the "
                    "embedded toy model]")
 def ablation_command(n_seeds, with_is, with_noguided, only, table_only, jobs, plots_dir, overrides, tag, n_boot, out,
-                     worlds):
+                     skip_existing, worlds):
     """The paper's comparison: the arms x seeds as queued `dvc exp run`s, then
     metrics/ablation.json (means, 95 % intervals, paired differences) and the table."""
     if overrides and not tag:
@@ -370,7 +387,7 @@ def ablation_command(n_seeds, with_is, with_noguided, only, table_only, jobs, pl
     base_seed = int(params["train"]["seed"])
     seeds = [base_seed + i for i in range(n_seeds)]
     ablation(arms, seeds, tag, overrides, jobs, table_only, n_boot,
-             out or (f"metrics/ablation-{tag}.json" if tag else "metrics/ablation.json"), worlds=worlds)
+             out or (f"metrics/ablation-{tag}.json" if tag else "metrics/ablation.json"), skip_existing, worlds)
     if plots_dir:
         _dvc("plots", "diff", *[exp_name(a, tag, seeds[0], worlds) for a, _, _ in arms], "--out", plots_dir)
         click.echo(f"plots: {Path(plots_dir) / 'index.html'}", err=True)
