@@ -10,6 +10,7 @@ when every seed is its own world (``drsft ablation --worlds``), resampled togeth
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ ARM_OVERRIDES = {"dr-noguided-dft": ("guided_align.n=0",)}
 EXTRA_PAIRS = [("dr-dft", "dr-noguided-dft")]
 
 
+@functools.lru_cache(maxsize=None)
 def t_quantile(q: float, df: int) -> float:
     """The ``q`` quantile of Student's t with ``df`` degrees of freedom, by bisection on its CDF
     (the density integrated numerically); hand-written because scipy is not a dependency."""
@@ -109,12 +111,14 @@ def summarize(scores: Mapping[str, Mapping[str, Sequence]], pairs: Sequence[tupl
             **({"per_world": [float(d) for d in per_world]} if paired_seeds else {}),
             **wide,
             "resolved": bool(ci[0] > 0 or ci[1] < 0),
-            "benchmarks": {b: {"diff": arms[x]["benchmarks"][b]["avg_at_k"] - arms[y]["benchmarks"][b]["avg_at_k"],
-                               "diff_ci": interval(reps[x][b] - reps[y][b], level),
-                               **_widened(interval(reps[x][b] - reps[y][b], level),
-                                          rows[(x, b)] - rows[(y, b)] if paired_seeds else None, level, paired_seeds)}
-                           for b in scores[x]},
+            "benchmarks": {},
         }
+        for b in scores[x]:
+            b_boot = interval(reps[x][b] - reps[y][b], level)
+            comparisons[f"{x}_vs_{y}"]["benchmarks"][b] = {
+                "diff": arms[x]["benchmarks"][b]["avg_at_k"] - arms[y]["benchmarks"][b]["avg_at_k"],
+                "diff_ci": b_boot,
+                **_widened(b_boot, rows[(x, b)] - rows[(y, b)] if paired_seeds else None, level, paired_seeds)}
     return {"arms": arms, "comparisons": comparisons}
 
 
@@ -142,11 +146,10 @@ def format_tables(summary: Mapping, arm_info: Mapping[str, tuple[str, str]] | No
              "|" + "---|" * (5 + len(benches))]
     for name, a in arms.items():
         data, loss = arm_info.get(name, ("—", "—"))
-        cells = [_pm(a["benchmarks"][b]["avg_at_k"], a["benchmarks"][b].get("ci", a["benchmarks"][b]["avg_at_k_ci"]))
-                 for b in benches]
+        cells = [_pm(a["benchmarks"][b]["avg_at_k"], a["benchmarks"][b]["ci"]) for b in benches]
         label = "base model" if name == "base" else name
         lines.append(f"| {label} | {data} | {loss} | {a['seeds']} | " + " | ".join(cells)
-                     + f" | **{_pm(a['avg_at_k'], a.get('ci', a['avg_at_k_ci']))}** |")
+                     + f" | **{_pm(a['avg_at_k'], a['ci'])}** |")
     comps = summary.get("comparisons") or {}
     worlds = any("world_ci" in c for c in comps.values())
 

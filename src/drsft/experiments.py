@@ -121,6 +121,11 @@ def _git(*args: str) -> str:
 SHARED_TARGETS = ("fallback", "evaluate@base", "probe")
 
 
+def _changed_from_head() -> set[str]:
+    """The git-tracked files that differ from HEAD."""
+    return set(_git("diff", "--name-only", "HEAD").split())
+
+
 def _refuse_dirty(changed: set[str]) -> None:
     if changed & {"params.yaml", "dvc.lock"}:
         raise click.ClickException("params.yaml or dvc.lock has uncommitted changes: the arms at another setting "
@@ -138,7 +143,7 @@ def _shared_in_workspace(overrides: tuple[str, ...], name: str) -> list[str]:
     arm at a non-default upstream setting would rerun sample, guided_align and fallback itself: DVC
     keeps stages with persisted outputs out of its run cache."""
     def changed_from_head() -> set[str]:
-        return {p for p in _git("diff", "--name-only", "HEAD").split() if _stage_written(p)}
+        return {p for p in _changed_from_head() if _stage_written(p)}
 
     dirty = changed_from_head()
     _refuse_dirty(dirty)
@@ -177,10 +182,10 @@ def run_experiments(groups: list[Group], jobs: int, keep_existing: bool = False)
     queued, so each group's experiments snapshot their own shared stages."""
     restores = any(shared for shared, _, _ in groups)
     if restores:
-        _refuse_dirty(set(_git("diff", "--name-only", "HEAD").split()))  # before anything runs
+        _refuse_dirty(_changed_from_head())  # before anything runs
     if any(not shared for shared, _, _ in groups):
         _dvc("repro")  # the shared upstream stages, once (a no-op when up to date)
-        if restores and "dvc.lock" in _git("diff", "--name-only", "HEAD").split():
+        if restores and "dvc.lock" in _changed_from_head():
             raise click.ClickException("`dvc repro` changed dvc.lock (the workspace was not up to date): commit it "
                                        "(`git add dvc.lock metrics dvclive && git commit`) and rerun; the groups "
                                        "run at other settings restore dvc.lock from HEAD")
@@ -280,22 +285,27 @@ def collect(arms: list[tuple[str, str, str]], seeds: list[int], tag: str,
         for s in seeds:
             data = found[names[(arms[0][0], s)]][1]
             p = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-            pseed = p["prepare"]["pretrain"].get("seed")
             w = _world_of(data)
-            per_world.append({"seed": s, "pretrain_seed": p["prepare"]["seed"] if pseed is None else pseed,
+            per_world.append({"seed": s, "pretrain_seed": _pretraining_seed(p),
                               "checks": w["probe"].get("checks"), "probe": w["probe"],
                               "rewrite_tiers": w["rewrite_tiers"]})
         context["worlds"] = per_world
     return scores, {a: (d, loss) for a, d, loss in arms}, context
 
 
+def _pretraining_seed(params: dict) -> int:
+    """The seed the toy model's pretraining runs with: ``prepare.pretrain.seed``, null = ``prepare.seed``
+    (as stages/prepare.py reads it)."""
+    prep = params["prepare"]
+    seed = prep["pretrain"].get("seed")
+    return int(prep["seed"]) if seed is None else int(seed)
+
+
 def pretrain_seeds(params: dict, seeds: list[int]) -> dict[int, int | None]:
     """``{seed: prepare.pretrain.seed of its world}`` for ``--worlds``: the first seed keeps the
     workspace's world (None: no override, so its stages stay cached); seed ``base + i`` pretrains
     with the workspace's pretraining seed + i."""
-    prep = params["prepare"]
-    p0 = prep["pretrain"].get("seed")
-    p0 = int(prep["seed"]) if p0 is None else int(p0)
+    p0 = _pretraining_seed(params)
     return {s: None if i == 0 else p0 + i for i, s in enumerate(seeds)}
 
 
