@@ -1,9 +1,11 @@
 """The CPU side of the pipeline at the paper's record sizes, on synthetic records: time, memory, disk.
 
-    python bench/scale_sim.py --problems 50000 --n 4 --tokens 600 [--format parquet|jsonl] [--workdir DIR] [--out sim.json]
+    python bench/scale_sim.py --problems 50000 --n 4 --tokens 600 [--format parquet|jsonl]
+        [--logprob-dtype float16|float32] [--workdir DIR] [--out sim.json]
 
 Writes records of that size in the pipeline's own formats (docs/records.md; ``--format`` is
-``records.format``, parquet by default as in the paper configs): ``train.jsonl`` (problems with a
+``records.format``, parquet by default as in the paper configs, and ``--logprob-dtype``
+``records.logprob_dtype``, float16 with parquet as there): ``train.jsonl`` (problems with a
 reference answer and an expert solution), and sample shards of ``--n`` samples per problem, each
 with ``response_ids`` and ``logprobs`` of about ``--tokens`` tokens (uniform in [0.5, 1.5] x tokens,
 ids below Qwen2.5's vocabulary of 151,936, log-probs as the sampler returns them) and a response text of ~3.6 characters per token that ends in a ``\\boxed{}`` answer,
@@ -73,7 +75,7 @@ def _text(rng: random.Random, n_chars: int, answer: str) -> str:
 
 
 def generate(work: Path, problems: int, n: int, tokens: int, solve_rate: float, shard_size: int, seed: int,
-             fmt: str) -> dict:
+             fmt: str, dtype: str) -> dict:
     """train.jsonl and data/sample shards in records format ``fmt``; returns counts and sizes."""
     from drsft.io import write_records
 
@@ -105,7 +107,7 @@ def generate(work: Path, problems: int, n: int, tokens: int, solve_rate: float, 
                     "response_ids": [rng.randrange(QWEN_VOCAB) for _ in range(k)],
                     "logprobs": [-rng.expovariate(2.0) for _ in range(k)],
                     "finish_reason": "stop"})
-        samples += write_records(work / "data" / "sample" / f"shard-{s // shard_size:05d}.{fmt}", shard)
+        samples += write_records(work / "data" / "sample" / f"shard-{s // shard_size:05d}.{fmt}", shard, dtype)
     return {"problems": problems, "samples": samples, "seconds": time.perf_counter() - t0}
 
 
@@ -136,7 +138,7 @@ def measure(name: str, cmd: list[str], cwd: Path) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2 ** 20, 3)}
 
 
-def assemble(work: str, tokens: int, seed: int, fmt: str) -> None:
+def assemble(work: str, tokens: int, seed: int, fmt: str, dtype: str) -> None:
     """The fallback stage's assembly, model scoring replaced by random log-probs."""
     from drsft.io import read_problem_ids, read_problems, read_training_rows, record_file, write_json, write_records
     from drsft.rewrite import rewrite_metrics, training_row
@@ -154,8 +156,8 @@ def assemble(work: str, tokens: int, seed: int, fmt: str) -> None:
                                    [rng.randrange(QWEN_VOCAB) for _ in range(k)], None,
                                    [-rng.expovariate(2.0) for _ in range(k)], "unknown"))
     rewritten = tiers + [{**r, "tier": "fallback"} for r in expert if r["problem_id"] in unsolved]
-    write_records(record_file(w / "data" / "train", "rewritten", fmt), rewritten)
-    write_records(record_file(w / "data" / "train", "expert", fmt), expert)
+    write_records(record_file(w / "data" / "train", "rewritten", fmt), rewritten, dtype)
+    write_records(record_file(w / "data" / "train", "expert", fmt), expert, dtype)
     write_json(w / "metrics" / "rewrite.json", rewrite_metrics(rewritten, expert))
 
 
@@ -191,9 +193,11 @@ def train_load(work: str, max_length: int, budget: int, fmt: str) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True,
               help="records.format")
+@click.option("--logprob-dtype", "dtype", type=click.Choice(["float16", "float32"]), default=None,
+              help="records.logprob_dtype  [default: float16 with parquet, as the paper configs; float32 with jsonl]")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the figures as JSON")
 @click.pass_context
-def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, workdir, seed, fmt, out):
+def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, workdir, seed, fmt, dtype, out):
     if ctx.invoked_subcommand is not None:
         return
     from drsft.io import read_json, write_json
@@ -204,12 +208,13 @@ def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, w
 
     params = work / "params.yaml"
     doc = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    doc["records"]["format"] = fmt
+    dtype = dtype or ("float16" if fmt == "parquet" else "float32")
+    doc["records"].update(format=fmt, logprob_dtype=dtype)
     params.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     py, stages, me = sys.executable, ROOT / "stages", str(Path(__file__).resolve())
     try:
         click.echo(f"generating {problems} problems x {n} samples x ~{tokens} tokens in {work} ...", err=True)
-        gen = generate(work, problems, n, tokens, solve_rate, shard_size, seed, fmt)
+        gen = generate(work, problems, n, tokens, solve_rate, shard_size, seed, fmt, dtype)
         d = "data"
         runs = {
             "verify": [py, str(stages / "verify.py"), "--params", str(params), "--problems", f"{d}/train.jsonl",
@@ -218,7 +223,8 @@ def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, w
             "self_align": [py, str(stages / "self_align.py"), "--params", str(params), "--problems", f"{d}/train.jsonl",
                            "--samples", f"{d}/sample", "--verdicts", f"{d}/verify/verdicts.jsonl", "--out",
                            f"{d}/self_align", "--metrics", "metrics/self_align.json"],
-            "fallback": [py, me, "assemble", str(work), "--tokens", str(tokens), "--seed", str(seed), "--format", fmt],
+            "fallback": [py, me, "assemble", str(work), "--tokens", str(tokens), "--seed", str(seed), "--format", fmt,
+                         "--logprob-dtype", dtype],
             "train_load": [py, me, "load", str(work), "--max-length", str(max_length), "--budget", str(budget),
                            "--format", fmt],
         }
@@ -230,7 +236,8 @@ def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, w
                  "self_align": _size(work / d / "self_align"), "train": _size(work / d / "train")}
         records = sum(sizes.values())
         loaded = read_json(work / "metrics" / "train_load.json")
-        summary = {"problems": problems, "n": n, "tokens": tokens, "format": fmt, "samples": gen["samples"],
+        summary = {"problems": problems, "n": n, "tokens": tokens, "format": fmt, "logprob_dtype": dtype,
+                   "samples": gen["samples"],
                    "stages": res, "bytes": sizes, "records_gib": records / 2 ** 30,
                    "peak_rss_gib": max(v["peak_rss_gib"] for v in res.values() if v["peak_rss_gib"] is not None),
                    "verify": read_json(work / "metrics" / "verify.json"),
@@ -244,7 +251,8 @@ def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, w
         click.echo(f"train_load: {loaded['rows']} rows, {loaded['steps']} steps of 256, "
                    f"{loaded['micro_batches_per_step']:.1f} packed micro-batches of <= {budget} tokens per rank "
                    f"(8 ranks), padding {100 * loaded['padding_share']:.1f} %")
-        click.echo(f"records on disk ({fmt}): {records / 2 ** 30:.2f} GiB (goal <= 1); largest peak RSS: "
+        click.echo(f"records on disk ({fmt}, log-probs {dtype if fmt == 'parquet' else 'in full'}): "
+                   f"{records / 2 ** 30:.2f} GiB (goal <= 1); largest peak RSS: "
                    f"{summary['peak_rss_gib']:.2f} GiB (goal <= 12)")
     finally:
         if not workdir:
@@ -256,8 +264,9 @@ def main(ctx, problems, n, tokens, solve_rate, shard_size, max_length, budget, w
 @click.option("--tokens", default=600)
 @click.option("--seed", default=0)
 @click.option("--format", "fmt", default="parquet")
-def assemble_cmd(work, tokens, seed, fmt):
-    assemble(work, tokens, seed, fmt)
+@click.option("--logprob-dtype", "dtype", default="float16")
+def assemble_cmd(work, tokens, seed, fmt, dtype):
+    assemble(work, tokens, seed, fmt, dtype)
 
 
 @main.command("load")

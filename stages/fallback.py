@@ -47,7 +47,8 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, 
          metrics, plot_csv, tiers_csv, progress):
     """Assemble the rewritten training set (self + guided + expert fallback) and the expert set."""
     params = load_params(params_path)
-    cfg, prompt_cfg, fmt = section(params, "fallback"), section(params, "prompt"), section(params, "records")["format"]
+    cfg, prompt_cfg, records = section(params, "fallback"), section(params, "prompt"), section(params, "records")
+    fmt, dtype = records["format"], records["logprob_dtype"]
     self_rows = self_rows or record_file("data/self_align", "selected", fmt)
     guided_rows = guided_rows or record_file("data/guided_align", "selected", fmt)
     trust = section(params, "model")["trust_remote_code"]
@@ -66,7 +67,7 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, 
                               "device": compute_device()},
                              lambda: (load_model(model_dir, trust_remote_code=trust), tok),
                              batch_size=int(cfg["score_batch_size"]), progress=progress, desc="fallback: score",
-                             fmt=fmt)
+                             fmt=fmt, logprob_dtype=dtype)
     expert = [training_row(p["id"], "expert", pr, p["solution"], ids, None, lp, "unknown")
               for p, pr, ids, lp in zip(problem_list, prompts, response_ids, logprobs)]
 
@@ -79,8 +80,8 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, 
                                    "the upstream stages are out of step; run `dvc repro`")
     rewritten.sort(key=lambda r: (order[r["problem_id"]], r["tier"]))
 
-    write_records(record_file(out, "rewritten", fmt), rewritten)
-    write_records(record_file(out, "expert", fmt), expert)
+    write_records(record_file(out, "rewritten", fmt), rewritten, dtype)
+    write_records(record_file(out, "expert", fmt), expert, dtype)
     write_csv(plot_csv, nll_histogram(rewritten, expert), ["nll", "expert", "rewritten"])
     m = {**rewrite_metrics(rewritten, expert), "dropped": dropped}
     write_json(metrics, m)

@@ -96,7 +96,8 @@ def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, 
     re-solves as training rows on the plain prompt."""
     params = load_params(params_path)
     cfg, prompt_cfg, roll = section(params, "guided_align"), section(params, "prompt"), section(params, "rollout")
-    verify_cfg, fmt = section(params, "verify"), section(params, "records")["format"]
+    verify_cfg, records = section(params, "verify"), section(params, "records")
+    fmt, dtype = records["format"], records["logprob_dtype"]
     trust = section(params, "model")["trust_remote_code"]
     preflight([out, shards or Path(out) / "shards", metrics],  # resolves + selected rows: 2x the sequences
               need_bytes=2 * sequences_bytes(count_records(unsolved) * int(cfg["n"]), int(cfg["max_new_tokens"])))
@@ -145,7 +146,7 @@ def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, 
     out = Path(out)
     try:  # without re-solving (n 0): no shards, and as for any other fingerprint, old shards are deleted
         run = run_sharded(todo if generate else [], Path(shards) if shards else out / "shards", shard_size, inputs,
-                          process, validate=validate, on_start=on_start, fmt=fmt)
+                          process, validate=validate, on_start=on_start, fmt=fmt, logprob_dtype=dtype)
     finally:
         if state["bar"] is not None:
             state["bar"].close()
@@ -179,12 +180,12 @@ def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, 
                               "trust_remote_code": trust},
                              lambda: (_scoring_model(state, model_path, roll["dtype"], trust), tok),
                              batch_size=int(cfg["score_batch_size"]), progress=progress, desc="guided_align: score",
-                             fmt=fmt)
+                             fmt=fmt, logprob_dtype=dtype)
     rows = [training_row(p["id"], "guided", pp, rec["response"], rec["response_ids"], rec["logprobs"], lp, "guided")
             for (p, rec), pp, lp in zip(chosen, plain_prompts, plain_lp)]
 
-    write_records(record_file(out, "resolves", fmt), resolves)
-    write_records(record_file(out, "selected", fmt), rows)
+    write_records(record_file(out, "resolves", fmt), resolves, dtype)
+    write_records(record_file(out, "selected", fmt), rows, dtype)
     write_jsonl(out / "unsolved.jsonl", ({"problem_id": pid} for pid in still_unsolved))
     attempted = len(todo)
     solved = attempted - len(still_unsolved)

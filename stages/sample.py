@@ -97,7 +97,8 @@ def main(params_path, problems, model_dir, out, metrics, progress):
     t0 = time.perf_counter()
     try:
         run = run_sharded(items, out, shard_size, inputs, process, validate=validate, on_start=on_start,
-                          fmt=section(params, "records")["format"])
+                          fmt=section(params, "records")["format"],
+                          logprob_dtype=section(params, "records")["logprob_dtype"])
     finally:
         if state["bar"] is not None:
             state["bar"].close()

@@ -28,7 +28,8 @@ from drsft.stage import clear_errors, log
 def main(params_path, problems, samples, verdicts, out, metrics):
     """Keep the model's own correct solutions (tier self) and list the problems without one."""
     params = load_params(params_path)
-    cfg, fmt = section(params, "self_align"), section(params, "records")["format"]
+    cfg, records = section(params, "self_align"), section(params, "records")
+    fmt = records["format"]
     problem_ids = [p["id"] for p in read_problems(problems)]
     correct = {(v["problem_id"], v["sample_index"]) for v in read_verdicts(verdicts) if v["correct"]}
     shards = read_samples(samples, problem_ids, full=lambda r: (r["problem_id"], r["sample_index"]) in correct)
@@ -36,7 +37,7 @@ def main(params_path, problems, samples, verdicts, out, metrics):
     checked = read_verdicts(verdicts, samples=((s["problem_id"], s["sample_index"]) for s in shards))
     rows, unsolved, stats = self_align(problem_ids, shards, checked,
                                        int(cfg["keep_per_problem"]), cfg["rule"], int(cfg["seed"]))
-    write_records(record_file(out, "selected", fmt), rows)
+    write_records(record_file(out, "selected", fmt), rows, records["logprob_dtype"])
     write_jsonl(Path(out) / "unsolved.jsonl", ({"problem_id": pid} for pid in unsolved))
     stats["solved_share"] = stats["solved"] / stats["problems"] if stats["problems"] else 0.0
     write_json(metrics, stats)

@@ -6,6 +6,9 @@ both formats (log-probs equal to float32 precision)."""
 import json
 import math
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -100,6 +103,18 @@ def test_a_corrupt_parquet_file_is_a_data_error_naming_it(tmp_path):
         read_records(path)
 
 
+def test_float16_log_probs_need_parquet():
+    from drsft.schema import check
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["records"].update(format="parquet", logprob_dtype="float16")
+    assert check(data) == []
+    data["records"]["format"] = "jsonl"
+    problems = dict(check(data))
+    assert list(problems) == ["records.logprob_dtype"] and "needs records.format parquet" in problems[
+        "records.logprob_dtype"]
+
+
 def test_run_sharded_in_parquet_and_a_format_change_starts_over(tmp_path):
     from drsft.shards import run_sharded
 
@@ -116,6 +131,41 @@ def test_run_sharded_in_parquet_and_a_format_change_starts_over(tmp_path):
     as_json = run_sharded(list(range(5)), tmp_path, 2, {"x": 1}, process, fmt="jsonl")
     assert as_json.generated == [0, 1, 2] and not list(tmp_path.glob("*.parquet"))
     assert [r["key"] for p in as_json.paths for r in read_records(p)] == ["0", "1", "2", "3", "4"]
+
+
+def test_float16_log_probs_round_once_and_a_dtype_change_starts_the_shards_over(tmp_path):
+    from drsft.shards import MANIFEST, run_sharded
+
+    path = tmp_path / "rows.parquet"
+    write_records(path, ROWS, "float16")
+    assert pq.read_schema(path).field("plain_logprobs").type == pa.list_(pa.float16())
+    back = read_records(path)
+    assert back[0]["plain_logprobs"] == [float(np.float16(x)) for x in ROWS[0]["plain_logprobs"]]
+    assert back[0]["plain_logprobs"] != ROWS[0]["plain_logprobs"]        # rounded: -0.1234567891 is not a half
+    assert back[1]["plain_logprobs"] == [-7.25] and back[1]["behaviour_logprobs"] is None
+    assert pq.read_schema(path).field("response_ids").type == pa.list_(pa.int32())
+    with pytest.raises(ValueError, match="float64"):
+        write_records(path, ROWS, "float64")
+
+    calls = []
+
+    def process(chunk):
+        calls.append(list(chunk))
+        return [{"key": str(i), "logprobs": [-0.1 * (i + 1)]} for i in chunk]
+
+    out = tmp_path / "shards"
+    run_sharded(list(range(4)), out, 2, {"x": 1}, process, fmt="parquet")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["logprob_dtype"] == "float32"
+    # a manifest from before the dtype was recorded was written at float32: its shards resume
+    (out / MANIFEST).write_text(json.dumps({k: v for k, v in manifest.items() if k != "logprob_dtype"}))
+    assert run_sharded(list(range(4)), out, 2, {"x": 1}, process, fmt="parquet").resumed == [0, 1]
+    half = run_sharded(list(range(4)), out, 2, {"x": 1}, process, fmt="parquet", logprob_dtype="float16")
+    assert half.generated == [0, 1] and len(calls) == 4
+    assert [r["logprobs"] for p in half.paths for r in read_records(p)] == \
+           [[float(np.float16(-0.1 * (i + 1)))] for i in range(4)]
+    assert run_sharded(list(range(4)), out, 2, {"x": 1}, process, fmt="parquet", logprob_dtype="float16").resumed \
+           == [0, 1]
 
 
 def test_read_samples_keeps_only_keys_of_the_records_not_wanted_whole(tmp_path):
@@ -160,14 +210,14 @@ class Scripted:
         return out
 
 
-def _chain(work, fmt, tiny_model_dir, prompt_cfg, load_stage, monkeypatch):
+def _chain(work, fmt, tiny_model_dir, prompt_cfg, load_stage, monkeypatch, dtype="float32"):
     from drsft.models import load_tokenizer
 
     work.mkdir()
     (work / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prompt"].update(prompt_cfg)
-    params["records"]["format"] = fmt
+    params["records"].update(format=fmt, logprob_dtype=dtype)
     params["sample"].update(n=2, shard_size=2)
     params["guided_align"].update(n=2, shard_size=1, score_shard_size=1)
     params["fallback"].update(shard_size=2)
@@ -210,6 +260,7 @@ def test_the_rewriting_stages_give_the_same_rows_in_parquet_as_in_json_lines(tmp
 
     runs = {fmt: _chain(tmp_path / fmt, fmt, tiny_model_dir, prompt_cfg, load_stage, monkeypatch)
             for fmt in ("jsonl", "parquet")}
+    half = _chain(tmp_path / "half", "parquet", tiny_model_dir, prompt_cfg, load_stage, monkeypatch, "float16")
     pq_run = runs["parquet"]
     for folder in ("sample", "guided/shards", "guided/score_shards", "fallback_shards"):
         names = sorted(f.suffix for f in (pq_run / folder).glob("shard-*"))
@@ -236,6 +287,20 @@ def test_the_rewriting_stages_give_the_same_rows_in_parquet_as_in_json_lines(tmp
                     assert all(math.isclose(x, y, rel_tol=2e-7, abs_tol=1e-12) for x, y in zip(a[key], b[key]))
         ex = {fmt: load_examples(record_file(runs[fmt] / "train", kind, fmt), tok, 256, len(tok))[0] for fmt in runs}
         assert [e.input_ids for e in ex["jsonl"]] == [e.input_ids for e in ex["parquet"]]
+        # records.logprob_dtype float16: the same rows, every log-prob the float16 rounding of the full one
+        halves = read_training_rows(record_file(half / "train", kind, "parquet"))
+        assert len(halves) == len(rows["jsonl"])
+        for a, b in zip(rows["jsonl"], halves):
+            assert {k: v for k, v in a.items() if not k.endswith("logprobs")} == \
+                   {k: v for k, v in b.items() if not k.endswith("logprobs")}
+            for key in ("behaviour_logprobs", "plain_logprobs"):
+                assert (b[key] is None if a[key] is None else b[key] == [float(np.float16(x)) for x in a[key]]), key
+    for f in ("sample/shard-00000", "guided/score_shards/shard-00000", "fallback_shards/shard-00000",
+              "self_align/selected", "train/rewritten", "train/expert"):
+        schema = pq.read_schema(half / f"{f}.parquet")
+        for name in ("logprobs", "behaviour_logprobs", "plain_logprobs"):
+            if name in schema.names:
+                assert schema.field(name).type == pa.list_(pa.float16()), (f, name)
 
 
 def test_items_in_counts_the_items_of_given_shards():

@@ -499,8 +499,16 @@ def test_scale_sim_runs_the_cpu_stages_on_well_formed_records(tmp_path, fmt):
                            "--format", fmt, "--workdir", str(tmp_path / "w"), "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1].startswith(f"records on disk ({fmt}): ")
+    dtype = "float16" if fmt == "parquet" else "in full"      # parquet: the paper configs' float16 log-probs
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"records on disk ({fmt}, log-probs {dtype}): ")
     assert {f.suffix for f in (tmp_path / "w" / "data" / "sample").iterdir()} == {f".{fmt}"}
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for f in ("sample/shard-00000", "self_align/selected", "train/rewritten", "train/expert"):
+            schema = pq.read_schema(tmp_path / "w" / "data" / f"{f}.parquet")
+            assert {schema.field(c).type.value_type for c in schema.names if c.endswith("logprobs")} == {pa.float16()}
     assert (tmp_path / "w" / "data" / "train" / f"rewritten.{fmt}").exists()
     res = json.loads(out.read_text())
     assert res["samples"] == 120 and res["verify"]["samples"] == 120

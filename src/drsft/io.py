@@ -207,9 +207,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 # Record files: JSON lines or Parquet, chosen by the file's suffix (params ``records.format``)
 
 RECORD_FORMATS = ("jsonl", "parquet")
-# Per-token arrays, stored in Parquet as list<int32> / list<float32> (docs/records.md).
+# Per-token arrays, stored in Parquet as list<int32> / list<float32 or float16> (docs/records.md).
 TOKEN_ID_FIELDS = ("response_ids",)
 LOGPROB_FIELDS = ("logprobs", "behaviour_logprobs", "plain_logprobs")
+LOGPROB_DTYPES = ("float32", "float16")   # params records.logprob_dtype
 
 
 def record_file(folder: str | os.PathLike, stem: str, fmt: str) -> Path:
@@ -219,12 +220,16 @@ def record_file(folder: str | os.PathLike, stem: str, fmt: str) -> Path:
     return Path(folder) / f"{stem}.{fmt}"
 
 
-def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    """Write records atomically as JSON lines, or as Parquet when ``path`` ends in ``.parquet``;
-    returns the number written. A file of the same name in the other records format is then
-    removed, so that a folder never holds two versions of one output."""
+def write_records(path: str | os.PathLike, records: Iterable[dict], logprob_dtype: str = "float32") -> int:
+    """Write records atomically as JSON lines, or as Parquet when ``path`` ends in ``.parquet``
+    (log-probs as ``logprob_dtype``, float32 or float16; JSON lines keep them in full); returns the
+    number written. A file of the same name in the other records format is then removed, so that a
+    folder never holds two versions of one output."""
     path = Path(path)
-    n = _write_parquet(path, records) if path.suffix == ".parquet" else write_jsonl(path, records)
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"log-prob dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {logprob_dtype!r}")
+    n = (_write_parquet(path, records, logprob_dtype) if path.suffix == ".parquet"
+         else write_jsonl(path, records))
     if path.suffix[1:] in RECORD_FORMATS:
         for fmt in RECORD_FORMATS:
             if fmt != path.suffix[1:]:
@@ -232,9 +237,9 @@ def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
     return n
 
 
-def _write_parquet(path: Path, records: Iterable[dict]) -> int:
+def _write_parquet(path: Path, records: Iterable[dict], logprob_dtype: str = "float32") -> int:
     """One Parquet file (zstd), a column per field (sorted, as JSON lines sort keys); the per-token
-    fields as list<int32> / list<float32>, every other column typed by pyarrow from its values. A
+    fields as list<int32> / list<``logprob_dtype``>, every other column typed by pyarrow from its values. A
     field absent from a row is null there. Hand-written rather than ``Table.from_pylist``, which
     takes the columns from the first row only."""
     import pyarrow as pa
@@ -243,9 +248,10 @@ def _write_parquet(path: Path, records: Iterable[dict]) -> int:
     rows = list(records)
     names = sorted({k for rec in rows for k in rec})
     arrays = []
+    floats = pa.float16() if logprob_dtype == "float16" else pa.float32()
     for name in names:
         kind = (pa.list_(pa.int32()) if name in TOKEN_ID_FIELDS
-                else pa.list_(pa.float32()) if name in LOGPROB_FIELDS else None)
+                else pa.list_(floats) if name in LOGPROB_FIELDS else None)
         values = [rec.get(name) for rec in rows]
         try:
             try:

@@ -281,6 +281,15 @@ class RolloutSection(_Section):
 
 class RecordsSection(_Section):
     format: Literal["jsonl", "parquet"]   # drsft.io.RECORD_FORMATS
+    logprob_dtype: Literal["float32", "float16"]   # drsft.io.LOGPROB_DTYPES; float16 with parquet only
+
+    @field_validator("logprob_dtype")
+    @classmethod
+    def _dtype_needs_parquet(cls, value: str, info: ValidationInfo) -> str:
+        if value != "float32" and info.data.get("format") != "parquet":
+            raise ValueError(f"{value} needs records.format parquet (JSON lines keep every log-prob at full "
+                             f"precision)")
+        return value
 
 
 class SampleSection(Decoding):

@@ -130,11 +130,13 @@ def score_responses(model, tokenizer, prompts: Sequence[str], response_ids: Sequ
 
 def score_sharded(out_dir, shard_size: int, keys: Sequence[str], prompts: Sequence[str],
                   response_ids: Sequence[Sequence[int]], inputs: dict, load: Callable[[], tuple],
-                  batch_size: int, progress: bool = False, desc: str = "score", fmt: str = "jsonl") -> list[list[float]]:
+                  batch_size: int, progress: bool = False, desc: str = "score", fmt: str = "jsonl",
+                  logprob_dtype: str = "float32") -> list[list[float]]:
     """:func:`score_responses` over resumable shards of ``shard_size`` pairs (drsft.shards), in order.
 
     A killed scoring run keeps its finished shards (records ``{"key", "logprobs"}`` in ``out_dir``, in
-    records format ``fmt``: Parquet stores the log-probs as float32);
+    records format ``fmt``: Parquet stores the log-probs as ``logprob_dtype``; what is returned is
+    read back from the shards, so a resumed run returns what a fresh one does);
     the rerun scores only the rest. ``keys`` name the pairs (unique strings, e.g. problem ids).
     ``load()`` returns ``(model, tokenizer)`` and is called only when some shard is left to score.
     ``inputs``: what determines the log-probs besides the pairs (the model's fingerprint, dtype); a
@@ -176,7 +178,7 @@ def score_sharded(out_dir, shard_size: int, keys: Sequence[str], prompts: Sequen
 
     try:
         run = run_sharded(items, out_dir, shard_size, {**inputs, "pairs_sha256": h.hexdigest()}, process,
-                          validate=validate, on_start=on_start, fmt=fmt)
+                          validate=validate, on_start=on_start, fmt=fmt, logprob_dtype=logprob_dtype)
     finally:
         if state["bar"] is not None:
             state["bar"].close()

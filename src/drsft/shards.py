@@ -68,13 +68,15 @@ def _chunk(items: Sequence[Any], index: int, shard_size: int) -> list[Any]:
 def run_sharded(items: Sequence[Any], out_dir: str | os.PathLike, shard_size: int, inputs: Any,
                 process: Callable[[list[Any]], list[dict]],
                 validate: Callable[[list[Any], list[dict]], None] | None = None,
-                on_start: Callable[[list[int], list[int]], None] | None = None, fmt: str = "jsonl") -> ShardRun:
+                on_start: Callable[[list[int], list[int]], None] | None = None, fmt: str = "jsonl",
+                logprob_dtype: str = "float32") -> ShardRun:
     """Turn ``items`` into records in ``out_dir/shard-00000.jsonl``, ..., resumably (``.parquet``
-    files with ``fmt="parquet"``: :func:`drsft.io.write_records`).
+    files with ``fmt="parquet"``, log-probs as ``logprob_dtype``: :func:`drsft.io.write_records`).
 
     Shard ``i`` holds ``process(items[i*shard_size:(i+1)*shard_size])``, written atomically.
     ``inputs`` is anything JSON-serialisable that determines the output (params, input file
-    hashes, model fingerprint, ...). Its hash and the shard layout go to ``out_dir/manifest.json``.
+    hashes, model fingerprint, ...). Its hash, the shard layout and the log-prob dtype go to
+    ``out_dir/manifest.json`` (a manifest without a dtype was written at float32).
     On start, if the manifest is missing or differs, every old shard is deleted (stale results of
     other params/inputs are never reused); otherwise shards that exist and pass ``validate(items,
     records)`` (which raises :class:`DataError` or ``ValueError`` to reject) are kept and only the
@@ -88,14 +90,16 @@ def run_sharded(items: Sequence[Any], out_dir: str | os.PathLike, shard_size: in
     out.mkdir(parents=True, exist_ok=True)
     n_shards = (len(items) + shard_size - 1) // shard_size
     manifest = {"fingerprint": fingerprint(inputs), "inputs": inputs, "shard_size": int(shard_size),
-                "n_items": len(items), "n_shards": n_shards, "shards": [shard_name(i, fmt) for i in range(n_shards)]}
+                "n_items": len(items), "n_shards": n_shards, "shards": [shard_name(i, fmt) for i in range(n_shards)],
+                "logprob_dtype": logprob_dtype}
     manifest_path = out / MANIFEST
     old = None
     if manifest_path.exists():
         with contextlib.suppress(DataError):
             old = read_json(manifest_path)
-    same = isinstance(old, dict) and all(old.get(k) == manifest[k]
-                                         for k in ("fingerprint", "shard_size", "n_items", "shards"))
+    same = (isinstance(old, dict) and all(old.get(k) == manifest[k]
+                                          for k in ("fingerprint", "shard_size", "n_items", "shards"))
+            and old.get("logprob_dtype", "float32") == logprob_dtype)
     if not same:
         if shard_files(out):
             log.info("%s: inputs changed since the last run (or no manifest): deleting old shards", out)
@@ -136,6 +140,6 @@ def run_sharded(items: Sequence[Any], out_dir: str | os.PathLike, shard_size: in
                 validate(chunk, records)
             except ValueError as exc:
                 raise RuntimeError(f"{paths[i]}: process() returned invalid records: {exc}") from exc
-        written += write_records(paths[i], records)
+        written += write_records(paths[i], records, logprob_dtype)
         log.info("%s: wrote %s (%d records)", out, paths[i].name, len(records))
     return ShardRun(paths=paths, resumed=resumed, generated=todo, records_written=written, seconds=seconds)
