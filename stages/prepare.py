@@ -117,7 +117,8 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
                                             guided_frac=float(toy["guided_frac"]),
                                             guided_mistake_rate=float(toy["guided_mistake_rate"]),
                                             misconception_rate=float(toy["misconception_rate"]),
-                                            textbook_frac=float(toy["textbook_frac"]))
+                                            textbook_frac=float(toy["textbook_frac"]),
+                                            misconceived_textbook_frac=float(toy["misconceived_textbook_frac"]))
             drills = fact_drills(world.corpus, int(toy["n_drills"]), int(toy["drill_facts"]), seed=int(prep["seed"]))
         except ValueError as exc:
             raise ParamsError(f"params.yaml: prepare.toy: {exc}") from None

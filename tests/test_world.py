@@ -171,6 +171,23 @@ def test_textbook_answers_are_expert_solutions_at_the_configured_share(world):
     assert not any(e.response == expert_solution(tp) for e, tp in zip(none, world.corpus))
     with pytest.raises(ValueError):
         pretraining_examples(world.corpus, textbook_frac=1.5)
+    with pytest.raises(ValueError, match="misconceived_textbook_frac"):
+        pretraining_examples(world.corpus, misconceived_textbook_frac=-0.1)
+
+
+def test_misconceived_textbook_answers_show_the_right_method_and_change_nothing_else(world):
+    """misconceived_textbook_frac of precedence's plain examples are its expert solutions (the right
+    method); every other example is the one drawn without them."""
+    kw = dict(seed=0, mistake_rate=0.05, guided_frac=0.3, guided_mistake_rate=0.0, misconception_rate=1.0,
+              textbook_frac=0.2)
+    base = pretraining_examples(world.corpus, **kw)
+    ex = pretraining_examples(world.corpus, **kw, misconceived_textbook_frac=0.3)
+    plain = [(e, b, tp) for e, b, tp in zip(ex, base, world.corpus) if tp.family == "precedence" and e.hint is None]
+    read = [(e, tp) for e, _, tp in plain if e.response == expert_solution(tp)]
+    assert 0.22 < len(read) / len(plain) < 0.38 and all(e.correct for e, _ in read)
+    assert all(not b.correct for _, b, _ in plain)                     # without them: every one misconceived
+    changed = [tp for e, b, tp in zip(ex, base, world.corpus) if e != b]
+    assert changed and all(tp.family == "precedence" for tp in changed)
 
 
 def test_mistakes_happen_at_the_configured_rate(world):

@@ -150,6 +150,7 @@ class ToySection(_Section):
     guided_mistake_rate: Fraction
     misconception_rate: Fraction
     textbook_frac: Fraction
+    misconceived_textbook_frac: Fraction
     n_drills: NonNegInt
     drill_facts: PosInt
 

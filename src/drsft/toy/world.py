@@ -572,30 +572,35 @@ class PretrainExample:
 
 def pretraining_examples(corpus: list[ToyProblem], seed: int = 0, mistake_rate: float = 0.25,
                          guided_frac: float = 0.3, guided_mistake_rate: float = 0.05,
-                         misconception_rate: float = 0.0, textbook_frac: float = 0.0) -> list[PretrainExample]:
+                         misconception_rate: float = 0.0, textbook_frac: float = 0.0,
+                         misconceived_textbook_frac: float = 0.0) -> list[PretrainExample]:
     """One example per corpus problem, deterministic from ``seed``: with probability
     ``guided_frac`` a guided example (the expert solution as hint, a model-style answer that
     follows the hint's method, with slips at ``guided_mistake_rate``), else a plain one. A plain
-    example of a family without a misconception is, with probability ``textbook_frac``, answered in
-    the expert's textbook style (the expert solution, correct); otherwise in the model's style with
+    example is, with probability ``textbook_frac`` (``misconceived_textbook_frac`` in a family with
+    a misconception: how much of the textbook the model read covered that family), answered in the
+    expert's textbook style (the expert solution, correct); otherwise in the model's style with
     slips at ``mistake_rate`` and, in a family with a misconception, the wrong method at
-    ``misconception_rate`` (the textbook the model read never covered that family)."""
+    ``misconception_rate``. The model-style answer is drawn for every plain example, so that
+    changing either share changes which examples are textbook answers and nothing else."""
     for name, x in (("mistake_rate", mistake_rate), ("guided_frac", guided_frac),
                     ("guided_mistake_rate", guided_mistake_rate), ("misconception_rate", misconception_rate),
-                    ("textbook_frac", textbook_frac)):
+                    ("textbook_frac", textbook_frac), ("misconceived_textbook_frac", misconceived_textbook_frac)):
         if not 0.0 <= x <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {x}")
     rng = random.Random(seed * 1_000_003 + 3)
     out = []
     for tp in corpus:
         guided = rng.random() < guided_frac
-        textbook = rng.random() < textbook_frac
+        u = rng.random()
+        misconceived = family(tp.family).misconceived(tp.params) is not None
         if guided:
             text, ok = model_solution(tp, rng, guided_mistake_rate)
-        elif textbook and family(tp.family).misconceived(tp.params) is None:
-            text, ok = expert_solution(tp), True
         else:
+            # drawn even when replaced, so that the shares change no other example
             text, ok = model_solution(tp, rng, mistake_rate, misconception_rate)
+            if u < (misconceived_textbook_frac if misconceived else textbook_frac):
+                text, ok = expert_solution(tp), True
         out.append(PretrainExample(tp.problem, expert_solution(tp) if guided else None, text, ok))
     return out
 
