@@ -82,7 +82,7 @@ test-world: install
 # ABLATION_ARGS: --seeds N, --arms A, --with-is, --with-noguided, --no-worlds, --jobs N, --plots DIR,
 # --table-only (`drsft ablation --help`).
 # The default is what made the committed metrics/ablation.json (3 worlds resolve nothing: docs/results.md).
-ABLATION_ARGS ?= --seeds 6 --with-noguided
+ABLATION_ARGS ?= --seeds 6
 ablation: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" drsft ablation $(ABLATION_ARGS)
 

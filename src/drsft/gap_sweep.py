@@ -18,7 +18,7 @@ solutions, ``metrics/probe.json`` world.nll_expert and nll_ratio_expert_to_own -
   against the measured NLL ratio, the ``gap_sweep`` plot of dvc.yaml);
 * ``docs/gap_sweep.png``: the same with interval bars, and the paired differences (matplotlib).
 
-    drsft gap-sweep                         # textbook_frac 0, 0.1, 0.3 (and 3 seeds; make gap-sweep)
+    drsft gap-sweep                         # textbook_frac 0, 0.2 (the default), 0.4 (3 seeds; make gap-sweep)
     drsft gap-sweep --values 0,0.05,0.2,0.5 --seeds 2 --skip-existing
 """
 
@@ -100,7 +100,7 @@ def _current_ablation(seeds: list[int], value: float) -> dict | None:
 
 
 @click.command("gap-sweep")
-@click.option("--values", default="0,0.1,0.3", show_default=True, help=f"comma-separated settings of {KNOB}")
+@click.option("--values", default="0,0.2,0.4", show_default=True, help=f"comma-separated settings of {KNOB}")
 @click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--n-boot", type=click.IntRange(min=100), default=2000, show_default=True)
