@@ -38,7 +38,10 @@ misconception at ``misconception_rate``: they evaluate left to right, ``(a + b) 
 follow the hint's correct method (multiplication first), and the expert demonstrations show it.
 So the base model gets the family wrong on its own, can solve it when shown the expert solution,
 and the expert data carries knowledge the model lacks: the paper's situation, which rewriting is
-meant to exploit (guided re-solves keep the method in the model's own style).
+meant to exploit (guided re-solves keep the method in the model's own style). A small share
+``misconceived_textbook_frac`` of its plain examples are its textbook solutions: the right method,
+read but not practised; without them the expert's precedence text is unread (~4 nats/token) and
+the gap far above a real base model's.
 
 Splits (:func:`make_world`): ``train`` problems (mixed families), one held-out benchmark per family
 named ``toy_<family>``, and a pretraining corpus whose problems are disjoint (by problem text) from
