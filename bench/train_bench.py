@@ -7,6 +7,8 @@ detached log-probs of the one forward pass, so ``is_dft`` must cost no second fo
 What is compared
 * Ours: ``train(cfg, ...)`` with ``loss: sft`` and ``loss: is_dft`` (ZeRO stage from params.yaml,
   single process, fp32 on CPU, gloo), ``save_every`` beyond the run so it saves once at the end.
+  ZeRO-2 runs as ZeRO-1 in one process (``drsft.train.zero_stage_run``: nothing to partition), for
+  ours and the Trainer + DeepSpeed alike (it is given our DeepSpeed config).
 * Baseline: ``transformers.Trainer`` (accelerate), input ids ``encode_prompt(tok, prompt) +
   response_ids`` (the same truncation to ``max_length`` as ours), labels -100 on the prompt and
   the padding, the model's own causal-LM loss; AdamW, linear warm-up + cosine, the same lr /
@@ -14,7 +16,7 @@ What is compared
 * Baseline with DeepSpeed (ZeRO stage >= 1): the same ``Trainer`` through its own DeepSpeed
   integration, ``TrainingArguments(deepspeed=<our deepspeed_config>)``: the same engine and ZeRO
   config as ours, so its ratio is our trainer's own cost; the ratio vs the plain ``Trainer`` also
-  holds DeepSpeed's (ZeRO-2 reduces gradients into partitions every micro-batch).
+  holds DeepSpeed's own cost.
 * Same micro-batches: the baseline's rows are laid out in our trainer's batch plan
   (``drsft.train.batch_plan``) and read sequentially, and both pad to the longest row of each
   micro-batch, so both process exactly the same tensors (checked: equal token counts).
@@ -31,8 +33,8 @@ order, ...) and after one untimed warm-up of each the medians are reported.
 Threads: ``torch.set_num_threads(--threads)`` for every run, and ``OMP_WAIT_POLICY=PASSIVE``
 unless set: on this shared 2-core machine, with other jobs running, spinning OpenMP workers made
 both trainers 10-30x slower and erratic (a 1 s loop took 30 s); set ``OMP_WAIT_POLICY=ACTIVE``
-to see it. ``--zero-stage`` overrides ``train.zero_stage`` (on one CPU process ZeRO-2's
-per-micro-batch gradient bucketing is pure overhead: stage 0/1 show the trainer without it).
+to see it. ``--zero-stage`` overrides ``train.zero_stage``. The last lines give, per interleaved
+rep, ours / Trainer as a mean with its 95 % t interval over the reps.
 
 Uses ``models/base`` and ``data/train/rewritten.jsonl`` (after ``dvc repro``); without them a
 random tiny Llama (drsft.toy.tinylm) and synthetic rows are built, and the output says so.
@@ -261,6 +263,23 @@ def _median_rate(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] / r["train_time_s"] for r in runs)
 
 
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (scipy is not a dependency).
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def paired_ratio(ours: list[dict], base: list[dict]) -> dict:
+    """Per interleaved rep, the baseline's loop time over ours (the same tokens: ours / baseline
+    tokens/s), as mean with a 95 % t interval over reps; None bounds with fewer than two reps."""
+    ratios = [b["train_time_s"] / o["train_time_s"] for o, b in zip(ours, base)]
+    mean = statistics.fmean(ratios)
+    if len(ratios) < 2:
+        return {"mean": mean, "ci": [None, None], "reps": len(ratios)}
+    t = T975[min(len(ratios) - 1, len(T975)) - 1]   # beyond 30 df the 30-df quantile (conservative)
+    hw = t * statistics.stdev(ratios) / len(ratios) ** 0.5
+    return {"mean": mean, "ci": [mean - hw, mean + hw], "reps": len(ratios)}
+
+
 @click.command()
 @click.option("--params", "params_path", default=str(ROOT / "params.yaml"), show_default=True)
 @click.option("--model", "model_dir", default=str(ROOT / "models/base"), show_default=True)
@@ -286,7 +305,7 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(threads)
     from drsft.models import load_tokenizer
-    from drsft.train import accumulation_steps, batch_plan, validate_config, warmup_steps_for
+    from drsft.train import accumulation_steps, batch_plan, validate_config, warmup_steps_for, zero_stage_run
 
     params = load_params(params_path)
     cfg = validate_config(section(params, "train"))
@@ -362,12 +381,15 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
         table[k] = {"tokens_per_s": tps, "response_tokens_per_s": _median_rate(timed[k], "response_tokens"),
                     "ratio": tps / base, "ratio_vs_trainer_deepspeed": tps / base_ds if base_ds else None,
                     "train_time_s": [round(r["train_time_s"], 3) for r in timed[k]],
+                    "per_rep_ratio": paired_ratio(timed[k], timed["baseline"]),
+                    "per_rep_ratio_vs_trainer_deepspeed":
+                        paired_ratio(timed[k], timed["baseline_ds"]) if "baseline_ds" in timed else None,
                     "input_tokens": timed[k][0]["input_tokens"], "response_tokens": timed[k][0]["response_tokens"]}
     load_end = os.getloadavg()
     result = {
         "source": source, "rows": rows, "steps": steps, "micro_batch_size": cfg["micro_batch_size"],
         "global_batch_size": gbs, "gradient_accumulation_steps": gas, "max_length": cfg["max_length"],
-        "zero_stage": cfg["zero_stage"], "threads": threads, "reps": reps, "token_count": "input tokens "
+        "zero_stage": cfg["zero_stage"], "zero_stage_run": zero_stage_run(cfg["zero_stage"], 1), "threads": threads, "reps": reps, "token_count": "input tokens "
         "(prompt + response, no padding)", "same_tokens": same_tokens,
         "baseline_distributed_type": sorted({r["distributed_type"] for r in runs["baseline"]}),
         "baseline_ds_model_class": sorted({r["model_class"] for r in runs.get("baseline_ds", [])}),
@@ -379,7 +401,8 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
 
     print()
     print(f"data: {source}; {rows} rows, {steps} steps of {gbs} rows (micro {cfg['micro_batch_size']} x "
-          f"accumulation {gas}), max_length {cfg['max_length']}, ZeRO {cfg['zero_stage']}, fp32 CPU, "
+          f"accumulation {gas}), max_length {cfg['max_length']}, ZeRO {cfg['zero_stage']} (runs as "
+          f"{zero_stage_run(cfg['zero_stage'], 1)} on one rank), fp32 CPU, "
           f"{threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), single process; baseline "
           f"accelerate mode {'/'.join(result['baseline_distributed_type'])}, model "
           f"{'/'.join(result['baseline_model_class'])}")
@@ -391,7 +414,7 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
           "(same ZeRO) | loop times (s) |")
     print("|---|---:|---:|---:|---:|---|")
     names = {"baseline": "transformers Trainer (sft)",
-             "baseline_ds": f"transformers Trainer + DeepSpeed ZeRO-{cfg['zero_stage']} (sft; "
+             "baseline_ds": f"transformers Trainer + DeepSpeed ZeRO-{zero_stage_run(cfg['zero_stage'], 1)} (sft; "
                             f"{'/'.join(result['baseline_ds_model_class'])})",
              "sft": "drsft DeepSpeed, sft", "is_dft": "drsft DeepSpeed, is_dft"}
     for k in order:
@@ -399,7 +422,14 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
         vs_ds = "—" if v["ratio_vs_trainer_deepspeed"] is None else f"{v['ratio_vs_trainer_deepspeed']:.3f}"
         print(f"| {names[k]} | {v['tokens_per_s']:,.0f} | {v['response_tokens_per_s']:,.0f} | {v['ratio']:.3f} | "
               f"{vs_ds} | {', '.join(f'{t:.2f}' for t in v['train_time_s'])} |")
+    def _ci(r):
+        return f"{r['mean']:.3f}" + ("" if r["ci"][0] is None else f" [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]")
+
     print()
+    print(f"per interleaved rep (same tokens), mean with 95 % t interval over {reps} reps: ours / Trainer: "
+          + ", ".join(f"{k} {_ci(table[k]['per_rep_ratio'])}" for k in ("sft", "is_dft"))
+          + ("" if "baseline_ds" not in table else "; ours / Trainer + DeepSpeed: "
+             + ", ".join(f"{k} {_ci(table[k]['per_rep_ratio_vs_trainer_deepspeed'])}" for k in ("sft", "is_dft"))))
     print(f"load average (1/5/15 min): start {' '.join(f'{x:.2f}' for x in load_start)}, "
           f"end {' '.join(f'{x:.2f}' for x in load_end)}; {os.cpu_count()} CPUs; wall {result['wall_s']:.0f}s")
     if out_path:

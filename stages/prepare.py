@@ -27,7 +27,7 @@ import drsft  # noqa: F401 -- first: one clear line when this interpreter lacks 
 import click
 
 from drsft.io import DataError, write_json, write_jsonl, write_run_info
-from drsft.params import ParamsError, load_params, section
+from drsft.params import ParamsError, load_params, pretraining_seed, section
 from drsft.stage import clear_errors, log, preflight, prepare_bytes
 
 # Every key of the sections read here is guaranteed (present, typed, in range) by load_params,
@@ -122,10 +122,8 @@ def run_prepare(prep: dict, model_cfg: dict, prompt_cfg: dict, data_dir="data/pr
             drills = fact_drills(world.corpus, int(toy["n_drills"]), int(toy["drill_facts"]), seed=int(prep["seed"]))
         except ValueError as exc:
             raise ParamsError(f"params.yaml: prepare.toy: {exc}") from None
-        # prepare.pretrain.seed redraws only the pretraining run (the model's init and batch order) in
-        # the same world; null: prepare.seed.
-        pseed = int(prep["seed"]) if pcfg.get("seed") is None else int(pcfg["seed"])
-        summary = pretrain(model_dir, examples, prompt_cfg, log=log, drills=drills, **{**pcfg, "seed": pseed})
+        summary = pretrain(model_dir, examples, prompt_cfg, log=log, drills=drills,
+                           **{**pcfg, "seed": pretraining_seed(prep)})
         summary["guided_examples"] = sum(e.hint is not None for e in examples)
         summary["wrong_examples"] = sum(not e.correct for e in examples)
         summary["textbook_examples"] = sum(e.hint is None and e.response == expert_solution(tp)

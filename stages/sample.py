@@ -57,6 +57,7 @@ def main(params_path, problems, model_dir, out, metrics, progress):
     of every token, in resumable shards."""
     params = load_params(params_path)
     cfg, roll, prompt_cfg = section(params, "sample"), section(params, "rollout"), section(params, "prompt")
+    records = section(params, "records")
     trust = section(params, "model")["trust_remote_code"]
     preflight([out, metrics], need_bytes=sequences_bytes(count_records(problems) * int(cfg["n"]), int(cfg["max_new_tokens"])))
     sp = sampling_params(cfg, roll)
@@ -97,8 +98,7 @@ def main(params_path, problems, model_dir, out, metrics, progress):
     t0 = time.perf_counter()
     try:
         run = run_sharded(items, out, shard_size, inputs, process, validate=validate, on_start=on_start,
-                          fmt=section(params, "records")["format"],
-                          logprob_dtype=section(params, "records")["logprob_dtype"])
+                          fmt=records["format"], logprob_dtype=records["logprob_dtype"])
     finally:
         if state["bar"] is not None:
             state["bar"].close()

@@ -184,6 +184,10 @@ def test_accumulation_steps_and_deepspeed_config():
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
     assert ds["bf16"]["enabled"] is False and ds["zero_force_ds_cpu_optimizer"] is False
     assert deepspeed_config(cfg, 1, on_gpu=True)["bf16"]["enabled"] is True
+    # ZeRO-2 partitions gradients over ranks: on one rank it runs as ZeRO-1; other stages run as set
+    runs = {(stage, world): deepspeed_config({**cfg, "zero_stage": stage}, world, on_gpu=False)["zero_optimization"]["stage"]
+            for stage in range(4) for world in (1, 2)}
+    assert runs == {(0, 1): 0, (0, 2): 0, (1, 1): 1, (1, 2): 1, (2, 1): 1, (2, 2): 2, (3, 1): 3, (3, 2): 3}
 
 
 def test_cpu_runs_skip_deepspeeds_shared_memory_op_build():
@@ -389,6 +393,7 @@ def test_single_process_run_outputs(runs, tiny_model_dir):
     work = runs["work"]
     m = read_json(work / "single_metrics.json")
     assert m["steps"] == 4 and m["examples"] == N_ROWS and m["truncated"] == 2 and m["world_size"] == 1
+    assert (m["zero_stage"], m["zero_stage_run"]) == (2, 1)
     run = read_json(work / "runs" / "single_metrics.json")   # timings beside the metrics, not in them
     assert m["gradient_accumulation_steps"] == 4 and run["resumed_from_steps"] == []
     assert math.isfinite(m["final_loss"]) and math.isfinite(m["mean_loss"]) and run["tokens_per_s"] > 0
@@ -422,12 +427,13 @@ def test_single_process_run_outputs(runs, tiny_model_dir):
 
 
 def test_two_processes_match_single_process(runs, tiny_model_dir, train_file):
-    """(1) ZeRO-2 in two CPU processes (gloo) with the same global batch = the 1-process run."""
+    """(1) ZeRO-2 in two CPU processes (gloo) with the same global batch = the 1-process run (ZeRO-2
+    set, run as ZeRO-1 on its single rank)."""
     work = runs["work"]
     _run_stage(work, runs["params"], train_file, tiny_model_dir, "dual", nproc=2)
     one = read_json(work / "single_metrics.json")
     two = read_json(work / "dual_metrics.json")
-    assert two["world_size"] == 2 and two["gradient_accumulation_steps"] == 2
+    assert two["world_size"] == 2 and two["gradient_accumulation_steps"] == 2 and two["zero_stage_run"] == 2
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)
     assert two["mean_loss"] == pytest.approx(one["mean_loss"], rel=1e-5)
     assert two["response_tokens"] == one["response_tokens"] and two["input_tokens"] == one["input_tokens"]

@@ -47,7 +47,7 @@ import click
 from drsft.ablation import (ARM_OVERRIDES, ARMS, EXTRA_PAIRS, IS_ARMS, NOGUIDED_ARMS, PAIRS, format_tables,
                             summarize)
 from drsft.io import iter_jsonl_stream, write_json
-from drsft.params import load_params
+from drsft.params import load_params, pretraining_seed
 from drsft.stats import problem_scores
 
 
@@ -286,26 +286,18 @@ def collect(arms: list[tuple[str, str, str]], seeds: list[int], tag: str,
             data = found[names[(arms[0][0], s)]][1]
             p = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
             w = _world_of(data)
-            per_world.append({"seed": s, "pretrain_seed": _pretraining_seed(p),
+            per_world.append({"seed": s, "pretrain_seed": pretraining_seed(p["prepare"]),
                               "checks": w["probe"].get("checks"), "probe": w["probe"],
                               "rewrite_tiers": w["rewrite_tiers"]})
         context["worlds"] = per_world
     return scores, {a: (d, loss) for a, d, loss in arms}, context
 
 
-def _pretraining_seed(params: dict) -> int:
-    """The seed the toy model's pretraining runs with: ``prepare.pretrain.seed``, null = ``prepare.seed``
-    (as stages/prepare.py reads it)."""
-    prep = params["prepare"]
-    seed = prep["pretrain"].get("seed")
-    return int(prep["seed"]) if seed is None else int(seed)
-
-
 def pretrain_seeds(params: dict, seeds: list[int]) -> dict[int, int | None]:
     """``{seed: prepare.pretrain.seed of its world}`` for ``--worlds``: the first seed keeps the
     workspace's world (None: no override, so its stages stay cached); seed ``base + i`` pretrains
     with the workspace's pretraining seed + i."""
-    p0 = _pretraining_seed(params)
+    p0 = pretraining_seed(params["prepare"])
     return {s: None if i == 0 else p0 + i for i, s in enumerate(seeds)}
 
 

@@ -103,6 +103,14 @@ def section(params: dict[str, Any], name: str) -> dict[str, Any]:
     return params[name]
 
 
+def pretraining_seed(prep: dict[str, Any]) -> int:
+    """The seed the toy model's pretraining runs with, from the ``prepare`` section:
+    ``pretrain.seed``, or ``seed`` when that is null (it redraws the model's init and batch order in
+    the same world)."""
+    seed = prep["pretrain"].get("seed")
+    return int(prep["seed"]) if seed is None else int(seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
