@@ -86,13 +86,17 @@ ABLATION_ARGS ?= --seeds 6
 ablation: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" drsft ablation $(ABLATION_ARGS)
 
-# Beyond the paper: the four arms at several settings of the world's policy-gap knob
-# (prepare.toy.textbook_frac), accuracy against the measured expert NLL: metrics/gap_sweep.json,
-# metrics/plots/gap_sweep.csv (dvc plots) and docs/gap_sweep.png. GAP_SWEEP_ARGS: --values, --seeds.
+# Beyond the paper: the four arms at several settings of a policy-gap knob of the world, accuracy
+# against the measured expert NLL. gap-sweep: prepare.toy.textbook_frac (moves the model):
+# metrics/gap_sweep.json, metrics/plots/gap_sweep.csv (dvc plots), docs/gap_sweep.png.
+# gap-sweep-style: prepare.toy.expert_model_style_frac (moves the data, one base model): the same
+# files named gap_sweep_style. GAP_SWEEP_ARGS: --values, --seeds, --skip-existing.
 GAP_SWEEP_ARGS ?=
-.PHONY: gap-sweep
+.PHONY: gap-sweep gap-sweep-style
 gap-sweep: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" drsft gap-sweep $(GAP_SWEEP_ARGS)
+gap-sweep-style: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" drsft gap-sweep --knob expert_model_style_frac $(GAP_SWEEP_ARGS)
 
 # Switch the pipeline to a config overlay (configs/*.yaml: the keys that differ from params.yaml):
 # composed over params.yaml, validated, refused when params.yaml has uncommitted changes, then written

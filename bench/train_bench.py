@@ -263,21 +263,14 @@ def _median_rate(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] / r["train_time_s"] for r in runs)
 
 
-# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (scipy is not a dependency).
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
 def paired_ratio(ours: list[dict], base: list[dict]) -> dict:
     """Per interleaved rep, the baseline's loop time over ours (the same tokens: ours / baseline
     tokens/s), as mean with a 95 % t interval over reps; None bounds with fewer than two reps."""
+    from drsft.ablation import world_interval   # the t interval the ablation puts over worlds
+
     ratios = [b["train_time_s"] / o["train_time_s"] for o, b in zip(ours, base)]
-    mean = statistics.fmean(ratios)
-    if len(ratios) < 2:
-        return {"mean": mean, "ci": [None, None], "reps": len(ratios)}
-    t = T975[min(len(ratios) - 1, len(T975)) - 1]   # beyond 30 df the 30-df quantile (conservative)
-    hw = t * statistics.stdev(ratios) / len(ratios) ** 0.5
-    return {"mean": mean, "ci": [mean - hw, mean + hw], "reps": len(ratios)}
+    ci = world_interval(ratios)
+    return {"mean": statistics.fmean(ratios), "ci": ci or [None, None], "reps": len(ratios)}
 
 
 @click.command()

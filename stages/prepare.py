@@ -39,8 +39,9 @@ def toy_problems(prep: dict):
 
     toy = prep["toy"]
     try:
-        return make_world(seed=int(prep["seed"]), n_train=int(toy["n_train"]),
-                          n_bench=int(toy["n_bench"]), n_corpus=int(toy["n_corpus"]), families=toy["families"]), toy
+        return make_world(seed=int(prep["seed"]), n_train=int(toy["n_train"]), n_bench=int(toy["n_bench"]),
+                          n_corpus=int(toy["n_corpus"]), families=toy["families"],
+                          expert_model_style_frac=float(toy["expert_model_style_frac"])), toy
     except (TypeError, ValueError) as exc:
         raise ParamsError(f"params.yaml: prepare.toy: {exc}") from None
 

@@ -164,3 +164,36 @@ def test_the_workspace_restore_touches_only_what_stages_write():
     assert not any(_stage_written(p) for p in ("Makefile", "README.md", "docs/results.md", "src/drsft/stats.py",
                                                "tests/test_ablation.py", "metrics/ablation.json",
                                                "metrics/ablation-w.json", "metrics/gap_sweep.json"))
+
+
+def test_gap_sweep_knobs_tags_and_the_reused_ablation(tmp_path, monkeypatch):
+    """Each knob tags its experiments apart; the workspace's ablation is reused only at the knob values
+    it was made with (the style knob, absent from a file made before it existed, reads 0); the
+    figure is drawn against the knob's values."""
+    import json
+
+    from drsft.ablation import ARMS
+    from drsft.gap_sweep import KNOBS, _current_ablation, plot_png, tag_for
+
+    assert tag_for(0.2, 0.2) == "" and tag_for(0.4, 0.2) == "tb0.4"
+    assert tag_for(0.5, 0.0, KNOBS["expert_model_style_frac"][1]) == "ms0.5"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    made = {"seeds": [0, 1, 2], "textbook_frac": 0.2, "vary_world": False, "overrides": [],
+            "arms": {a: {} for a, _, _ in ARMS}}
+    (tmp_path / "metrics/ablation.json").write_text(json.dumps(made))
+    here = {"textbook_frac": 0.2, "expert_model_style_frac": 0.0}
+    assert _current_ablation([0, 1, 2], here) is not None
+    assert _current_ablation([0, 1, 2], {**here, "expert_model_style_frac": 0.5}) is None
+    assert _current_ablation([0, 1, 2], {**here, "textbook_frac": 0.4}) is None
+    assert _current_ablation([0, 1], here) is None
+    (tmp_path / "metrics/ablation.json").write_text(json.dumps({**made, "vary_world": True}))
+    assert _current_ablation([0, 1, 2], here) is None
+
+    arms = ["base", "sft"]
+    rows = [{"expert_model_style_frac": v, "nll_ratio": r, **{k: 0.3 for a in arms for k in (a, f"{a}_low", f"{a}_high")}}
+            for v, r in ((1.0, 1.4), (0.0, 16.5))]
+    comp = {"diff": 0.1, "diff_ci": [0.05, 0.15]}
+    comparisons = {v: {n: comp for n in ("dr-dft_vs_dft", "dr-sft_vs_sft", "dr-dft_vs_base")} for v in (0.0, 1.0)}
+    plot_png(rows, arms, comparisons, str(tmp_path / "docs/style.png"), "expert_model_style_frac")
+    assert (tmp_path / "docs/style.png").stat().st_size > 10_000

@@ -190,6 +190,32 @@ def test_misconceived_textbook_answers_show_the_right_method_and_change_nothing_
     assert changed and all(tp.family == "precedence" for tp in changed)
 
 
+def test_expert_model_style_frac_restyles_train_demonstrations_and_nothing_else():
+    """The data-side gap knob: a share of the train demonstrations in the model's own style (correct,
+    same answer, the right method), nested as the share grows; benchmarks and corpus unchanged."""
+    kw = dict(seed=3, n_train=200, n_bench=10, n_corpus=300)
+    expert = make_world(**kw)
+    assert make_world(**kw, expert_model_style_frac=0.0) == expert
+    by_share = {f: make_world(**kw, expert_model_style_frac=f) for f in (0.3, 0.6, 1.0)}
+    own = {}
+    for f, w in by_share.items():
+        assert w.benchmarks == expert.benchmarks and w.corpus == expert.corpus
+        assert [{k: v for k, v in r.items() if k != "solution"} for r in w.train] == \
+               [{k: v for k, v in r.items() if k != "solution"} for r in expert.train]
+        own[f] = {r["id"] for r, e in zip(w.train, expert.train) if r["solution"] != e["solution"]}
+        assert abs(len(own[f]) / len(w.train) - f) < 0.1
+        for r in w.train:
+            assert last_boxed(r["solution"]) == r["answer"]
+            assert ("$" not in r["solution"]) == (r["id"] in own[f])      # the model's plain-text style
+    assert own[0.3] <= own[0.6] <= own[1.0] and len(own[1.0]) == len(expert.train)
+    prec = next(r for r in by_share[1.0].train if r["source"] == "precedence")
+    tp_values = [int(x) for x in re.findall(r"\d+", prec["problem"])]
+    a, b, c = tp_values[-3:]
+    assert f"{b}*{c} is {b * c}" in prec["solution"]                   # multiplication first: the right method
+    with pytest.raises(ValueError, match="expert_model_style_frac"):
+        make_world(**kw, expert_model_style_frac=1.5)
+
+
 def test_mistakes_happen_at_the_configured_rate(world):
     rng = random.Random(1)
     for rate in (0.0, 0.3, 1.0):

@@ -279,6 +279,9 @@ def collect(arms: list[tuple[str, str, str]], seeds: list[int], tag: str,
                "problems": {b: len(v[0]) for b, v in scores["base"].items()},
                "world": first_world["world"], "rewrite_tiers": first_world["rewrite_tiers"],
                "textbook_frac": params["prepare"]["toy"]["textbook_frac"] if params["prepare"]["source"] == "toy" else None,
+               # absent from the params of experiments made before the knob existed: expert style throughout
+               "expert_model_style_frac": params["prepare"]["toy"].get("expert_model_style_frac", 0.0)
+               if params["prepare"]["source"] == "toy" else None,
                "vary_world": worlds}
     if worlds:
         per_world = []

@@ -151,6 +151,7 @@ class ToySection(_Section):
     misconception_rate: Fraction
     textbook_frac: Fraction
     misconceived_textbook_frac: Fraction
+    expert_model_style_frac: Fraction
     n_drills: NonNegInt
     drill_facts: PosInt
 

@@ -32,6 +32,10 @@ shape the world:
   (expert NLL ~9 nats/token); with more of them the expert demonstrations come closer to the
   model's policy.
 
+The other gap knob moves the data instead of the model: ``expert_model_style_frac``
+(:func:`make_world`) writes a share of the *training* demonstrations in the model's own style
+(correct, with the right method), leaving the corpus, hence the base model, unchanged.
+
 **Headroom.** In ``precedence`` the model's own (plain-prompt) corpus solutions carry a
 misconception at ``misconception_rate``: they evaluate left to right, ``(a + b) \\times c``
 (:meth:`Precedence.misconceived`), a wrong method, not an arithmetic slip. Its guided examples
@@ -485,10 +489,11 @@ def model_solution(tp: ToyProblem, rng: random.Random, mistake_rate: float = 0.0
     raise RuntimeError(f"could not make a wrong solution for {tp.problem!r}")  # pragma: no cover
 
 
-def to_record(tp: ToyProblem, pid: str) -> dict:
-    """A problem record per docs/records.md."""
-    return {"id": pid, "problem": tp.problem, "solution": expert_solution(tp), "answer": tp.answer,
-            "source": tp.family}
+def to_record(tp: ToyProblem, pid: str, model_style: bool = False) -> dict:
+    """A problem record per docs/records.md; ``model_style``: the demonstration is written in the
+    model's own style (correct, the right method) instead of the expert's."""
+    solution = family(tp.family).model(tp.params, tp.values) if model_style else expert_solution(tp)
+    return {"id": pid, "problem": tp.problem, "solution": solution, "answer": tp.answer, "source": tp.family}
 
 
 @dataclass
@@ -519,16 +524,24 @@ def _unique_problems(fams: list[str], rng: random.Random, seen: set[str]) -> lis
 
 
 def make_world(seed: int = 0, n_train: int = 400, n_bench: int = 100, n_corpus: int = 4000,
-               families: tuple[str, ...] | list[str] = FAMILIES) -> World:
+               families: tuple[str, ...] | list[str] = FAMILIES, expert_model_style_frac: float = 0.0) -> World:
     """All splits from one seed. ``train`` mixes the families in a shuffled balanced order;
     benchmarks hold ``n_bench`` problems per family; the corpus ``n_corpus`` mixed problems.
     No problem occurs twice (by :func:`math_key`) in or across train and the benchmarks, and no
-    corpus problem is one of them (the corpus may repeat its own problems)."""
+    corpus problem is one of them (the corpus may repeat its own problems).
+
+    ``expert_model_style_frac``: the share of the ``train`` demonstrations written in the model's own
+    style (correct, with the right method) instead of the expert's: a policy-gap knob that moves the
+    demonstrations towards the model and leaves the model alone (the corpus, hence pretraining, and
+    the benchmarks do not depend on it). Each problem draws its number whatever the share, so a
+    larger share restyles a superset of a smaller one's problems, and 0 gives the expert set."""
     families = tuple(families)
     for f in families:
         family(f)
     if n_train < 0 or n_bench < 0 or n_corpus < 0:
         raise ValueError("toy world sizes must be >= 0")
+    if not 0.0 <= expert_model_style_frac <= 1.0:
+        raise ValueError(f"expert_model_style_frac must be in [0, 1], got {expert_model_style_frac}")
     seen: set[str] = set()
     # Benchmarks first, then train, then the corpus: each later split avoids the earlier ones.
     benchmarks: dict[str, list[dict]] = {}
@@ -542,8 +555,10 @@ def make_world(seed: int = 0, n_train: int = 400, n_bench: int = 100, n_corpus: 
     rng.shuffle(fams)
     counters = dict.fromkeys(families, 0)
     train = []
+    style_rng = random.Random(seed * 1_000_003 + 5)   # its own stream: the splits do not depend on the share
     for tp in _unique_problems(fams, rng, seen):
-        train.append(to_record(tp, f"{tp.family}-{counters[tp.family]:05d}"))
+        own = style_rng.random() < expert_model_style_frac
+        train.append(to_record(tp, f"{tp.family}-{counters[tp.family]:05d}", model_style=own))
         counters[tp.family] += 1
 
     # The corpus avoids every held-out problem; it may repeat its own (the families are small).
