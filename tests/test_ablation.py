@@ -191,9 +191,10 @@ def test_gap_sweep_knobs_tags_and_the_reused_ablation(tmp_path, monkeypatch):
     assert _current_ablation([0, 1, 2], here) is None
 
     arms = ["base", "sft"]
-    rows = [{"expert_model_style_frac": v, "nll_ratio": r, **{k: 0.3 for a in arms for k in (a, f"{a}_low", f"{a}_high")}}
-            for v, r in ((1.0, 1.4), (0.0, 16.5))]
     comp = {"diff": 0.1, "diff_ci": [0.05, 0.15]}
     comparisons = {v: {n: comp for n in ("dr-dft_vs_dft", "dr-sft_vs_sft", "dr-dft_vs_base")} for v in (0.0, 1.0)}
-    plot_png(rows, arms, comparisons, str(tmp_path / "docs/style.png"), "expert_model_style_frac")
-    assert (tmp_path / "docs/style.png").stat().st_size > 10_000
+    for knob in KNOBS:
+        rows = [{knob: v, "nll_ratio": r, **{k: 0.3 for a in arms for k in (a, f"{a}_low", f"{a}_high")}}
+                for v, r in ((1.0, 1.4), (0.0, 16.5))]
+        plot_png(rows, arms, comparisons, str(tmp_path / f"docs/{knob}.png"), knob)
+        assert (tmp_path / f"docs/{knob}.png").stat().st_size > 10_000

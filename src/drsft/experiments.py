@@ -277,7 +277,8 @@ def collect(arms: list[tuple[str, str, str]], seeds: list[int], tag: str,
     first_world = _world_of(first)
     context = {"k": params["evaluate"]["k"], "evaluate_seed": params["evaluate"]["seed"],
                "problems": {b: len(v[0]) for b, v in scores["base"].items()},
-               "world": first_world["world"], "rewrite_tiers": first_world["rewrite_tiers"],
+               "world": first_world["world"], "checks": first_world["probe"].get("checks"),
+               "rewrite_tiers": first_world["rewrite_tiers"],
                "textbook_frac": params["prepare"]["toy"]["textbook_frac"] if params["prepare"]["source"] == "toy" else None,
                # absent from the params of experiments made before the knob existed: expert style throughout
                "expert_model_style_frac": params["prepare"]["toy"].get("expert_model_style_frac", 0.0)

@@ -45,12 +45,13 @@ from drsft.experiments import ablation, exp_name, experiments
 from drsft.io import write_csv, write_json
 from drsft.params import load_params
 
-# knob -> (its params key, the experiments' tag prefix, the outputs' name, its values by default)
+# knob -> (its params key, the experiments' tag prefix, the outputs' name, its values by default,
+# the plots' x: the measured NLL ratio, or the knob itself where the mean NLL does not follow it)
 KNOBS = {
-    "textbook_frac": ("prepare.toy.textbook_frac", "tb", "gap_sweep", "0,0.2,0.4"),
-    "expert_model_style_frac": ("prepare.toy.expert_model_style_frac", "ms", "gap_sweep_style", "0,0.5,1"),
+    "textbook_frac": ("prepare.toy.textbook_frac", "tb", "gap_sweep", "0,0.2,0.4", "nll_ratio"),
+    "expert_model_style_frac": ("prepare.toy.expert_model_style_frac", "ms", "gap_sweep_style", "0,0.5,1",
+                                "expert_model_style_frac"),
 }
-KNOB = KNOBS["textbook_frac"][0]
 
 
 def tag_for(value: float, default: float, prefix: str = "tb") -> str:
@@ -63,14 +64,16 @@ DIFFS = {"dr-dft_vs_dft": "DR+DFT − DFT", "dr-sft_vs_sft": "DR+SFT − SFT", "
 
 
 def plot_png(rows: list[dict], arms: list[str], comparisons: dict, path: str, knob: str = "textbook_frac") -> None:
-    """Two panels against the measured gap (expert / own-solution NLL ratio, log scale): each arm's
-    accuracy, and the paired differences, with their 95 % intervals."""
+    """Two panels, each arm's accuracy and the paired differences with their 95 % intervals, against
+    the knob's x (:data:`KNOBS`): the measured gap (expert / own-solution NLL ratio, log scale), or
+    the knob's value with the measured ratio in the tick labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["nll_ratio"] for r in rows]
+    x_key = KNOBS[knob][4]
+    xs = [r[x_key] for r in rows]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for arm in arms:
         ys = [100 * r[arm] for r in rows]
@@ -85,11 +88,15 @@ def plot_png(rows: list[dict], arms: list[str], comparisons: dict, path: str, kn
     from matplotlib.ticker import NullFormatter
 
     for a in (ax, bx):
-        a.set_xscale("log")
+        if x_key == "nll_ratio":
+            a.set_xscale("log")
+            a.set_xlabel(f"expert / own-solution NLL under the base model (measured; log scale)\n({knob})")
+        else:
+            a.set_xlabel(f"{knob}\n(×: expert / own-solution NLL, measured)")
         a.set_xticks(xs)
-        a.set_xticklabels([f"×{r['nll_ratio']:.1f}\n({r[knob]:g})" for r in rows], fontsize=8)
+        a.set_xticklabels([f"×{r['nll_ratio']:.1f}\n({r[knob]:g})" if x_key == "nll_ratio" else
+                           f"{r[knob]:g}\n(×{r['nll_ratio']:.1f})" for r in rows], fontsize=8)
         a.xaxis.set_minor_formatter(NullFormatter())
-        a.set_xlabel(f"expert / own-solution NLL under the base model (measured; log scale)\n({knob})")
         a.grid(alpha=0.3)
     ax.set_ylabel("avg@k accuracy (%): mean over seeds, 95 % interval")
     ax.set_title("each arm")
@@ -131,7 +138,7 @@ def _current_ablation(seeds: list[int], knobs: dict[str, float]) -> dict | None:
 def gap_sweep_command(knob, values, n_seeds, jobs, n_boot, skip_existing, png):
     """Beyond the paper: the four arms at several settings of a policy-gap knob of the world,
     accuracy against the measured expert NLL."""
-    key, prefix, name, default_values = KNOBS[knob]
+    key, prefix, name, default_values, x_key = KNOBS[knob]
     settings = [float(v) for v in (values or default_values).split(",") if v.strip()]
     png = png or f"docs/{name}.png"
     params = load_params("params.yaml")
@@ -165,7 +172,7 @@ def gap_sweep_command(knob, values, n_seeds, jobs, n_boot, skip_existing, png):
         for cname, c in r["comparisons"].items():
             row[cname] = c["diff"]
         rows.append(row)
-    rows.sort(key=lambda r: r["nll_ratio"])
+    rows.sort(key=lambda r: r[x_key])
     write_json(f"metrics/{name}.json", {"knob": key, "seeds": seeds, "settings": rows,
                                         "per_setting": {f"{v:g}": {k: r[k] for k in ("world", "arms", "comparisons")}
                                                         for v, r in results.items()}})
