@@ -27,7 +27,9 @@ PAIRS = [("dr-dft", "dft"), ("dr-sft", "sft"), ("dr-dft", "base"), ("dft", "sft"
 # expert demonstration), by the params each such arm overrides upstream of train, and what it tests.
 NOGUIDED_ARMS = [("dr-noguided-dft", "rewritten", "dft")]
 ARM_OVERRIDES = {"dr-noguided-dft": ("guided_align.n=0",)}
-EXTRA_PAIRS = [("dr-dft", "dr-noguided-dft")]
+# The comparisons the optional arms answer: guided re-solving's share, and drsft's IS weights on the
+# rewritten data against the same loss without them (skipped when an arm was not run).
+EXTRA_PAIRS = [("dr-dft", "dr-noguided-dft"), ("dr-is", "dr-sft"), ("dr-is-dft", "dr-dft")]
 
 
 @functools.lru_cache(maxsize=None)
