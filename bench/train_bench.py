@@ -308,6 +308,7 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
     rows = max(gbs, rows // gbs * gbs)
     cfg.update(epochs=1, save_every=10 ** 6)
     cfg = validate_config(cfg)
+    stage_run = zero_stage_run(cfg["zero_stage"], 1)   # what our trainer and the Trainer + DeepSpeed run
 
     env0 = {k: os.environ.get(k) for k in DIST_ENV}
     work = Path(tempfile.mkdtemp(prefix="train_bench-"))
@@ -382,7 +383,7 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
     result = {
         "source": source, "rows": rows, "steps": steps, "micro_batch_size": cfg["micro_batch_size"],
         "global_batch_size": gbs, "gradient_accumulation_steps": gas, "max_length": cfg["max_length"],
-        "zero_stage": cfg["zero_stage"], "zero_stage_run": zero_stage_run(cfg["zero_stage"], 1), "threads": threads, "reps": reps, "token_count": "input tokens "
+        "zero_stage": cfg["zero_stage"], "zero_stage_run": stage_run, "threads": threads, "reps": reps, "token_count": "input tokens "
         "(prompt + response, no padding)", "same_tokens": same_tokens,
         "baseline_distributed_type": sorted({r["distributed_type"] for r in runs["baseline"]}),
         "baseline_ds_model_class": sorted({r["model_class"] for r in runs.get("baseline_ds", [])}),
@@ -395,7 +396,7 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
     print()
     print(f"data: {source}; {rows} rows, {steps} steps of {gbs} rows (micro {cfg['micro_batch_size']} x "
           f"accumulation {gas}), max_length {cfg['max_length']}, ZeRO {cfg['zero_stage']} (runs as "
-          f"{zero_stage_run(cfg['zero_stage'], 1)} on one rank), fp32 CPU, "
+          f"{stage_run} on one rank), fp32 CPU, "
           f"{threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), single process; baseline "
           f"accelerate mode {'/'.join(result['baseline_distributed_type'])}, model "
           f"{'/'.join(result['baseline_model_class'])}")
@@ -407,7 +408,7 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
           "(same ZeRO) | loop times (s) |")
     print("|---|---:|---:|---:|---:|---|")
     names = {"baseline": "transformers Trainer (sft)",
-             "baseline_ds": f"transformers Trainer + DeepSpeed ZeRO-{zero_stage_run(cfg['zero_stage'], 1)} (sft; "
+             "baseline_ds": f"transformers Trainer + DeepSpeed ZeRO-{stage_run} (sft; "
                             f"{'/'.join(result['baseline_ds_model_class'])})",
              "sft": "drsft DeepSpeed, sft", "is_dft": "drsft DeepSpeed, is_dft"}
     for k in order:

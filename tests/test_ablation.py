@@ -176,7 +176,7 @@ def test_gap_sweep_knobs_tags_and_the_reused_ablation(tmp_path, monkeypatch):
     from drsft.gap_sweep import KNOBS, _current_ablation, plot_png, tag_for
 
     assert tag_for(0.2, 0.2) == "" and tag_for(0.4, 0.2) == "tb0.4"
-    assert tag_for(0.5, 0.0, KNOBS["expert_model_style_frac"][1]) == "ms0.5"
+    assert tag_for(0.5, 0.0, KNOBS["expert_model_style_frac"].prefix) == "ms0.5"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics").mkdir()
     made = {"seeds": [0, 1, 2], "textbook_frac": 0.2, "vary_world": False, "overrides": [],
