@@ -175,7 +175,7 @@ def train_load(work: str, max_length: int, budget: int, fmt: str) -> None:
     tok = build_tokenizer(texts * 20, vocab_size=400)
     examples, stats = load_examples(record_file(w / "data" / "train", "rewritten", fmt), tok, max_length, QWEN_VOCAB)
     cfg = {"batching": "tokens", "packing": True, "max_tokens_per_micro_batch": budget, "micro_batch_size": 4}
-    plan = batch_plan(len(examples), 256, 1, 0)
+    plan = batch_plan(len(examples), 256, 1, 0, drop_last=False)
     summary = batching_summary(plan, [len(e.input_ids) for e in examples], cfg, 8, 8)
     write_json(w / "metrics" / "train_load.json", {"rows": len(examples), "truncated": stats.truncated,
                                                    "steps": len(plan), **summary})

@@ -331,7 +331,7 @@ def main(params_path, model_dir, data_path, rows, reps, threads, zero_stage, out
         if len(base_rows) % gbs:
             raise SystemExit(f"{len(base_rows)} usable rows is not a multiple of the global batch {gbs}")
         gas = accumulation_steps(gbs, cfg["micro_batch_size"], 1)
-        plan = batch_plan(len(base_rows), gbs, 1, cfg["seed"])
+        plan = batch_plan(len(base_rows), gbs, 1, cfg["seed"], drop_last=cfg["drop_last"])
         steps = len(plan)
         warmup = warmup_steps_for(steps, cfg["warmup_ratio"])
 

@@ -104,7 +104,7 @@ def main(params_path, problems, unsolved, model_dir, out, shards, score_shards, 
     by_id = problems_by_id(problems)
     todo = [by_id[pid] for pid in read_problem_ids(unsolved, by_id)]  # checked: unique, known ids
     model_path = resolve_model(model_dir)
-    seed, keep, rule = int(cfg["seed"]), int(cfg["keep_per_problem"]), cfg["rule"]
+    seed, keep, rule = int(cfg["seed"]), cfg["keep_per_problem"], cfg["rule"]
 
     shard_size = int(cfg["shard_size"])
 

@@ -36,7 +36,7 @@ def main(params_path, problems, samples, verdicts, out, metrics):
     # read again, now checking that the verdicts are exactly those of these samples
     checked = read_verdicts(verdicts, samples=((s["problem_id"], s["sample_index"]) for s in shards))
     rows, unsolved, stats = self_align(problem_ids, shards, checked,
-                                       int(cfg["keep_per_problem"]), cfg["rule"], int(cfg["seed"]))
+                                       cfg["keep_per_problem"], cfg["rule"], int(cfg["seed"]))
     write_records(record_file(out, "selected", fmt), rows, records["logprob_dtype"])
     write_jsonl(Path(out) / "unsolved.jsonl", ({"problem_id": pid} for pid in unsolved))
     stats["solved_share"] = stats["solved"] / stats["problems"] if stats["problems"] else 0.0

@@ -23,6 +23,8 @@ from drsft.train import data_file, train
               help="folder holding the rewritten and expert training rows (train.data picks one)")
 @click.option("--data", "data_path", default=None,
               help="a training records file (.jsonl or .parquet) overriding --data-dir/train.data")
+@click.option("--problems", default="data/prepare/train.jsonl", show_default=True,
+              help="the problems (their text renders the prompts with train.prompt_format: question)")
 @click.option("--model", "model_dir", default="models/base", show_default=True)
 @click.option("--out", default="models/trained", show_default=True)
 @click.option("--checkpoints", default="models/checkpoints", show_default=True)
@@ -32,7 +34,7 @@ from drsft.train import data_file, train
               help="debugging: stop after this many optimizer steps as if killed (no final checkpoint, no model)")
 @click.pass_context
 @clear_errors
-def main(ctx, params_path, data_dir, data_path, model_dir, out, checkpoints, metrics, live_dir, max_steps):
+def main(ctx, params_path, data_dir, data_path, problems, model_dir, out, checkpoints, metrics, live_dir, max_steps):
     """Fine-tune the base model on data/train/<train.data>.<records.format> with train.loss (DeepSpeed ZeRO),
     resuming from the last checkpoint of the same run."""
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK is read from the environment instead.
@@ -45,7 +47,7 @@ def main(ctx, params_path, data_dir, data_path, model_dir, out, checkpoints, met
     preflight([out, checkpoints, metrics, live_dir], need_bytes=TRAIN_WEIGHT_FACTOR * weights_bytes(model_dir))
     path = Path(data_path) if data_path else data_file(data_dir, cfg["data"], section(params, "records")["format"])
     train(cfg, path, model_dir, out, checkpoints, metrics, live_dir=live_dir, trust_remote_code=trust,
-          max_steps=max_steps)
+          max_steps=max_steps, problems_path=problems)
 
 
 if __name__ == "__main__":

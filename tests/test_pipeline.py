@@ -48,7 +48,8 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     rewrite = json.loads((dst / "metrics/rewrite.json").read_text())
     train_rows = sum(1 for _ in open(dst / "data/prepare/train.jsonl"))
     assert rewrite["problems"] == train_rows
-    assert sum(t["count"] for t in rewrite["tiers"].values()) == rewrite["rows"]
+    assert sum(t["count"] for t in rewrite["tiers"].values()) == rewrite["problems"]
+    assert sum(t["rows"] for t in rewrite["tiers"].values()) == rewrite["rows"]
     evaluation = json.loads((dst / "metrics/evaluate.json").read_text())
     assert set(evaluation["benchmarks"]) == set(yaml.safe_load((dst / "params.yaml").read_text())["evaluate"]["benchmarks"])
 

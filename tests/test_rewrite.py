@@ -44,11 +44,33 @@ def test_duplicate_responses_count_once():
     assert len(select(c, "random", 5, 0, "p")) == 2
 
 
+def test_keep_all_keeps_every_distinct_correct_finished_sample_and_the_tiers_count_problems():
+    c = [_sample("p", i, f"answer {i % 3}") for i in range(5)]          # 3 distinct texts
+    for rule in ("random", "shortest", "highest_logprob"):
+        kept = select(c, rule, "all", 0, "p")
+        assert sorted(r["sample_index"] for r in kept) == [0, 1, 2]
+    samples = [_sample("a", 0, "s0"), _sample("a", 1, "s1"), _sample("a", 2, "s1"), _sample("a", 3, "s3", finish="length"),
+               _sample("b", 0, "t0"), _sample("b", 1, "t1")]
+    verdicts = [_verdict("a", i, True) for i in range(4)] + [_verdict("b", 0, False), _verdict("b", 1, True)]
+    rows, unsolved, stats = self_align(["a", "b", "c"], samples, verdicts, "all", "random", 0)
+    # a: samples 0 and 1 (2 repeats 1's text, 3 was cut at max_new_tokens); b: sample 1; c: unsolved
+    assert sorted((r["problem_id"], r["response"]) for r in rows) == [("a", "s0"), ("a", "s1"), ("b", "t1")]
+    assert unsolved == ["c"] and stats["kept"] == 3 and stats["solved"] == 2
+    expert = [{**r, "tier": "expert"} for r in rows]
+    fallback = [{"problem_id": "c", "tier": "fallback", "plain_logprobs": [-1.0], "behaviour_logprobs": None,
+                 "response_ids": [1]}]
+    m = rewrite_metrics(rows + fallback, expert)
+    assert m["tiers"]["self"] == {"count": 2, "share": pytest.approx(2 / 3), "rows": 3}
+    assert m["tiers"]["fallback"] == {"count": 1, "share": pytest.approx(1 / 3), "rows": 1}
+    assert (m["problems"], m["rows"]) == (3, 4)
+
+
 def test_unknown_rule_and_bad_k_are_errors():
     with pytest.raises(ValueError, match="unknown selection rule"):
         select([_sample("p", 0, "a")], "longest", 1, 0, "p")
-    with pytest.raises(ValueError, match="keep_per_problem"):
-        select([_sample("p", 0, "a")], "random", 0, 0, "p")
+    for bad in (0, "some", True, 1.5):
+        with pytest.raises(ValueError, match="keep_per_problem"):
+            select([_sample("p", 0, "a")], "random", bad, 0, "p")
 
 
 # ---------------------------------------------------------------- self-align accounting
@@ -159,7 +181,7 @@ def test_policy_gap_and_rewrite_metrics_by_hand():
                  _row("c", "fallback", [-3.0, -3.0, -3.0])]
     expert = [_row(p, "expert", [-4.0, -4.0]) for p in "abc"]
     m = rewrite_metrics(rewritten, expert)
-    assert m["tiers"]["self"] == {"count": 1, "share": pytest.approx(1 / 3)}
+    assert m["tiers"]["self"] == {"count": 1, "share": pytest.approx(1 / 3), "rows": 1}
     assert m["nll"]["self"] == pytest.approx(1.0)
     assert m["nll"]["guided"] == pytest.approx(2.0)
     assert m["nll"]["rewritten"] == pytest.approx((2 + 4 + 9) / 7)

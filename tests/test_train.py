@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "stages" / "train.py"
 
 TRAIN_CFG = {
-    "data": "rewritten", "loss": "is", "is_clip": [0.0, 2.0], "is_level": "token", "zero_stage": 2,
+    "data": "rewritten", "loss": "is", "loss_norm": "global_token_mean", "prompt_format": "sampling",
+    "response_end": "end_of_turn", "weight_decay_1d": False, "drop_last": False, "lr_schedule": "drsft", "is_clip": [0.0, 2.0], "is_level": "token", "zero_stage": 2,
     "lr": 3.0e-3, "epochs": 1, "micro_batch_size": 3, "global_batch_size": 12, "max_length": 96,
     "warmup_ratio": 0.25, "weight_decay": 0.01, "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "save_every": 2,
     "seed": 0, "gradient_checkpointing": False, "packing": False, "attn_implementation": "auto", "batching": "rows",
@@ -211,8 +212,8 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_batch_plan_is_deterministic_and_covers_every_row_each_epoch():
-    plan = batch_plan(10, 4, 2, seed=3)
-    assert plan == batch_plan(10, 4, 2, seed=3) and plan != batch_plan(10, 4, 2, seed=4)
+    plan = batch_plan(10, 4, 2, seed=3, drop_last=False)
+    assert plan == batch_plan(10, 4, 2, seed=3, drop_last=False) and plan != batch_plan(10, 4, 2, seed=4, drop_last=False)
     assert [len(b) for b in plan] == [4, 4, 2, 4, 4, 2]
     assert sorted(sum(plan[:3], [])) == list(range(10)) and sorted(sum(plan[3:], [])) == list(range(10))
     assert sum(plan[:3], []) != sum(plan[3:], [])            # a new order each epoch

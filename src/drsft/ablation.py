@@ -26,10 +26,22 @@ PAIRS = [("dr-dft", "dft"), ("dr-sft", "sft"), ("dr-dft", "base"), ("dft", "sft"
 # The tier ablation: DR without guided re-solving (every problem without a correct sample keeps its
 # expert demonstration), by the params each such arm overrides upstream of train, and what it tests.
 NOGUIDED_ARMS = [("dr-noguided-dft", "rewritten", "dft")]
-ARM_OVERRIDES = {"dr-noguided-dft": ("guided_align.n=0",)}
+# The parity options (docs/parity.md): DR+DFT with one choice of the paper's code each, with all of
+# its train options together, and with every correct sample kept (the paper's text is silent on it).
+PARITY_ARMS = [("dr-dft-mbnorm", "rewritten", "dft"), ("dr-dft-question", "rewritten", "dft"),
+               ("dr-dft-keepall", "rewritten", "dft"), ("dr-dft-paper", "rewritten", "dft")]
+PAPER_TRAIN = ("train.loss_norm=micro_batch_token_mean_sum", "train.prompt_format=question", "train.response_end=eos",
+               "train.weight_decay_1d=true", "train.drop_last=true", "train.lr_schedule=verl")
+ARM_OVERRIDES = {"dr-noguided-dft": ("guided_align.n=0",),
+                 "dr-dft-mbnorm": ("train.loss_norm=micro_batch_token_mean_sum",),
+                 "dr-dft-question": ("train.prompt_format=question",),
+                 "dr-dft-keepall": ("self_align.keep_per_problem=all",),
+                 "dr-dft-paper": PAPER_TRAIN}
 # The comparisons the optional arms answer: guided re-solving's share, and drsft's IS weights on the
 # rewritten data against the same loss without them (skipped when an arm was not run).
-EXTRA_PAIRS = [("dr-dft", "dr-noguided-dft"), ("dr-is", "dr-sft"), ("dr-is-dft", "dr-dft")]
+EXTRA_PAIRS = [("dr-dft", "dr-noguided-dft"), ("dr-is", "dr-sft"), ("dr-is-dft", "dr-dft"),
+               ("dr-dft-mbnorm", "dr-dft"), ("dr-dft-question", "dr-dft"), ("dr-dft-keepall", "dr-dft"),
+               ("dr-dft-paper", "dr-dft")]
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,6 +28,7 @@ write ``metrics/ablation.json`` and print the table with 95 % intervals.
     drsft ablation --no-worlds          # toy: every seed on the workspace's one pretrained model
     drsft ablation --seeds 5 --with-is  # more seeds, plus rewritten+is and rewritten+is_dft
     drsft ablation --with-noguided      # plus DR+DFT without guided re-solving (DR+DFT vs it)
+    drsft ablation --with-parity --arms dr-dft --arms dr-dft-mbnorm   # a parity option's effect (docs/parity.md)
     drsft ablation --arms dft --arms dr-dft   # a subset of the arms
     drsft ablation --table-only         # recompute the summary from existing experiments
     drsft ablation --seeds 6 --skip-existing   # three more seeds (worlds), the first three kept
@@ -44,8 +45,8 @@ from pathlib import Path
 
 import click
 
-from drsft.ablation import (ARM_OVERRIDES, ARMS, EXTRA_PAIRS, IS_ARMS, NOGUIDED_ARMS, PAIRS, format_tables,
-                            summarize)
+from drsft.ablation import (ARM_OVERRIDES, ARMS, EXTRA_PAIRS, IS_ARMS, NOGUIDED_ARMS, PAIRS, PARITY_ARMS,
+                            format_tables, summarize)
 from drsft.io import iter_jsonl_stream, write_json
 from drsft.params import load_params, pretraining_seed
 from drsft.stats import problem_scores
@@ -353,6 +354,9 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
 @click.option("--with-is", is_flag=True, help="also run the importance-sampling arms (drsft's extensions)")
 @click.option("--with-noguided", is_flag=True,
               help="also run the tier ablation dr-noguided-dft (guided_align.n=0: no guided re-solving)")
+@click.option("--with-parity", is_flag=True,
+              help="also run DR+DFT at the paper code's choices (docs/parity.md): dr-dft-mbnorm, dr-dft-question, "
+                   "dr-dft-keepall, dr-dft-paper")
 @click.option("--arms", "only", multiple=True, metavar="ARM",
               help="run only these arms (repeatable; default: all of the selected set), e.g. --arms sft --arms dr-dft")
 @click.option("--table-only", is_flag=True, help="do not run; summarize the existing experiments")
@@ -370,7 +374,7 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
               help="each seed also pretrains its own base model (prepare.pretrain.seed), so the intervals count "
                    "the model-to-model variation another machine's float path brings [default: on for the "
                    "embedded toy model]")
-def ablation_command(n_seeds, with_is, with_noguided, only, table_only, jobs, plots_dir, overrides, tag, n_boot, out,
+def ablation_command(n_seeds, with_is, with_noguided, with_parity, only, table_only, jobs, plots_dir, overrides, tag, n_boot, out,
                      skip_existing, worlds):
     """The paper's comparison: the arms x seeds as queued `dvc exp run`s, then
     metrics/ablation.json (means, 95 % intervals, paired differences) and the table."""
@@ -383,12 +387,14 @@ def ablation_command(n_seeds, with_is, with_noguided, only, table_only, jobs, pl
     elif worlds and not toy:
         raise click.UsageError("--worlds redraws the embedded model's pretraining (prepare.pretrain.seed): "
                                f"model.base is {params['model']['base']!r}, not toy")
-    arms = ARMS + (IS_ARMS if with_is else []) + (NOGUIDED_ARMS if with_noguided else [])
+    arms = ARMS + (IS_ARMS if with_is else []) + (NOGUIDED_ARMS if with_noguided else []) + \
+        (PARITY_ARMS if with_parity else [])
     if only:
         unknown = sorted(set(only) - {a for a, _, _ in arms})
         if unknown:
             raise click.UsageError(f"--arms: unknown arm(s) {', '.join(unknown)}; the selected set is "
-                                   f"{', '.join(a for a, _, _ in arms)} (--with-is / --with-noguided add more)")
+                                   f"{', '.join(a for a, _, _ in arms)} (--with-is / --with-noguided / --with-parity "
+                                   f"add more)")
         arms = [arm for arm in arms if arm[0] in only]
     base_seed = int(params["train"]["seed"])
     seeds = [base_seed + i for i in range(n_seeds)]

@@ -32,11 +32,11 @@ ratio can overflow in float32 before clipping otherwise).
 
 Normalisation (the same for every loss): the weighted sum is divided by ``normaliser``, which
 defaults to the number of response tokens in the tensors passed in (a token mean). The trainer
-passes the token count of the whole **global** batch (all micro-batches of all ranks of one
-optimizer step) scaled by ``gradient_accumulation_steps * world_size`` so that, after DeepSpeed's
-division by the accumulation steps and averaging over ranks, the optimizer sees the gradient of
-the token mean over the global batch: every response token of the step counts the same, however
-the batch is split over micro-batches and processes.
+passes what ``train.loss_norm`` needs (:func:`drsft.train.micro_batch_normaliser`): by default the
+token count of the whole **global** batch scaled so that, after DeepSpeed's division by the
+accumulation steps and averaging over ranks, the optimizer sees the gradient of the token mean
+over the global batch (every response token of the step counts the same, however the batch is
+split); or, as the paper's trainer, each micro-batch's own token count.
 """
 
 from __future__ import annotations

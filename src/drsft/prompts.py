@@ -33,6 +33,14 @@ def render_prompt(tokenizer, problem: str, prompt_cfg: Mapping, hint: str | None
     return "".join(f"{m['content']}\n\n" for m in messages)
 
 
+def question_prompt(tokenizer, problem: str) -> str:
+    """The paper code's training prompt (``train.prompt_format: question``): the chat template applied
+    to one user turn holding the bare problem, with the generation prompt; no system turn and no
+    instruction beyond what the template adds by itself (verl's ``SFTDataset``, ``prompt_dict_keys:
+    ['question']``)."""
+    return render_prompt(tokenizer, problem, {"system": None, "instruction": ""})
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of a rendered prompt. The chat template already carries any BOS token."""
     add_special = not bool(getattr(tokenizer, "chat_template", None))
@@ -42,7 +50,8 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 _TURN_MARK = "drsft7turn7mark"
 
 
-def _special_ids(tokenizer) -> set[int]:
+def special_ids(tokenizer) -> set[int]:
+    """The ids of the tokenizer's special tokens (the named ones and every added special token)."""
     ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     return ids | {int(i) for i, t in added.items() if getattr(t, "special", False)}
@@ -83,7 +92,7 @@ def _find_end_of_turn(tokenizer) -> int | None:
     at = text.rfind(_TURN_MARK)
     if at < 0:
         return None
-    special = _special_ids(tokenizer)
+    special = special_ids(tokenizer)
     for tid in tokenizer(text[at + len(_TURN_MARK):], add_special_tokens=False)["input_ids"]:
         if int(tid) in special:
             return int(tid)

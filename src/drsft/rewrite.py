@@ -38,8 +38,9 @@ def mean_logprob(rec: Mapping) -> float:
     return sum(lp) / len(lp) if lp else -math.inf
 
 
-def select(candidates: Sequence[Mapping], rule: str, k: int, seed: int, problem_id: str) -> list[Mapping]:
-    """Choose up to ``k`` of a problem's correct candidates.
+def select(candidates: Sequence[Mapping], rule: str, k: int | str, seed: int, problem_id: str) -> list[Mapping]:
+    """Choose up to ``k`` of a problem's correct candidates; ``k = "all"`` keeps every one (in the
+    rule's order).
 
     Candidates with identical response text count once (keeping duplicates would weight a
     solution twice). Rules:
@@ -51,8 +52,10 @@ def select(candidates: Sequence[Mapping], rule: str, k: int, seed: int, problem_
     """
     if rule not in SELECTION_RULES:
         raise ValueError(f"unknown selection rule {rule!r}; expected one of {', '.join(SELECTION_RULES)}")
-    if k < 1:
-        raise ValueError(f"keep_per_problem must be >= 1, got {k}")
+    if k == "all":
+        k = len(candidates)
+    elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"keep_per_problem must be an integer >= 1 or 'all', got {k!r}")
     seen: set[str] = set()
     unique = []
     for cand in sorted(candidates, key=lambda r: r["sample_index"]):
@@ -110,7 +113,7 @@ def training_row(problem_id: str, tier: str, prompt: str, response: str, respons
 
 
 def self_align(problem_ids: Sequence[str], samples: Sequence[Mapping], verdicts: Sequence[Mapping],
-               keep_per_problem: int, rule: str, seed: int) -> tuple[list[dict], list[str], dict]:
+               keep_per_problem: int | str, rule: str, seed: int) -> tuple[list[dict], list[str], dict]:
     """Keep correct, finished model samples. Returns (training rows, unsolved problem ids, stats).
 
     A correct sample whose ``finish_reason`` is ``length`` (cut at ``max_new_tokens``) is dropped
@@ -268,17 +271,21 @@ def policy_gap(rows: Sequence[Mapping]) -> dict:
 
 
 def rewrite_metrics(rewritten: Sequence[Mapping], expert: Sequence[Mapping]) -> dict:
-    """metrics/rewrite.json: tier counts and shares, NLL per tier / set, policy-gap statistics."""
-    counts = Counter(r["tier"] for r in rewritten)
-    total = len(rewritten)
+    """metrics/rewrite.json: per tier the problems it holds (``count``, ``share`` of the problems) and
+    its training rows (``rows``: more than its problems where ``keep_per_problem`` keeps several),
+    NLL per tier / set, policy-gap statistics."""
+    problems = {t: {r["problem_id"] for r in rewritten if r["tier"] == t} for t in TIERS}
+    rows = Counter(r["tier"] for r in rewritten)
+    total = len({r["problem_id"] for r in rewritten})
     by_tier = {t: [r for r in rewritten if r["tier"] == t] for t in TIERS}
     gap = {t: policy_gap(by_tier[t]) for t in TIERS}
     gap["rewritten"] = policy_gap(rewritten)
     gap["expert"] = policy_gap(expert)
     return {
-        "tiers": {t: {"count": counts.get(t, 0), "share": (counts.get(t, 0) / total) if total else 0.0} for t in TIERS},
-        "rows": total,
-        "problems": len({r["problem_id"] for r in rewritten}),
+        "tiers": {t: {"count": len(problems[t]), "share": len(problems[t]) / total if total else 0.0,
+                      "rows": rows.get(t, 0)} for t in TIERS},
+        "rows": len(rewritten),
+        "problems": total,
         "nll": {name: g["nll"] for name, g in gap.items()},
         "gap": gap,
     }

@@ -79,6 +79,20 @@ Family = Literal["arith", "linear", "fraction", "decimal", "precedence"]  # drsf
 Loss = Literal["sft", "dft", "is", "is_dft"]                     # drsft.losses.LOSS_KINDS
 IsLevel = Literal["token", "sequence"]                           # drsft.losses.IS_LEVELS
 TrainData = Literal["rewritten", "expert"]                       # drsft.train.DATA_KINDS
+LossNorm = Literal["global_token_mean", "micro_batch_token_mean_sum"]   # drsft.train.LOSS_NORMS
+PromptFormat = Literal["sampling", "question"]                   # drsft.train.PROMPT_FORMATS
+ResponseEnd = Literal["end_of_turn", "eos"]                      # drsft.train.RESPONSE_ENDS
+LrSchedule = Literal["drsft", "verl"]                            # drsft.train.LR_SCHEDULES
+
+
+def _keep(value: Any) -> Any:
+    """A positive integer, or ``"all"`` (every distinct correct, finished candidate)."""
+    if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError(f"must be a positive integer or 'all' (got {_show(value)})")
+
+
+Keep = Annotated[Any, BeforeValidator(_keep)]
 
 
 class _Section(BaseModel):
@@ -312,14 +326,14 @@ class VerifySection(_Section):
 
 
 class SelfAlignSection(_Section):
-    keep_per_problem: PosInt
+    keep_per_problem: Keep             # an int, or "all": every distinct correct, finished sample
     rule: Rule
     seed: Seed
 
 
 class GuidedAlignSection(Decoding):
     n: NonNegInt                       # 0 = no guided re-solving (the tier ablation)
-    keep_per_problem: PosInt
+    keep_per_problem: Keep             # an int, or "all"
     rule: Rule
     max_shared_ngram: NonNegInt        # 0 = no copy check
     leak_phrases: list[NonEmptyStr]
@@ -370,6 +384,9 @@ def _adam_betas(value: Any) -> Any:
 class TrainSection(_Section):
     data: TrainData
     loss: Loss
+    loss_norm: LossNorm                # drsft.train.micro_batch_normaliser
+    prompt_format: PromptFormat        # the prompt a training row conditions on (drsft.train.load_examples)
+    response_end: ResponseEnd          # the token a training response ends with
     is_clip: Annotated[list, BeforeValidator(_is_clip)]
     is_level: IsLevel
     zero_stage: Annotated[int, Strict(), Field(ge=0, le=3)]
@@ -379,7 +396,10 @@ class TrainSection(_Section):
     global_batch_size: PosInt
     max_length: Annotated[int, Strict(), Field(ge=2)]
     warmup_ratio: Fraction
+    lr_schedule: LrSchedule            # drsft.train.lr_factor
     weight_decay: NonNegNum
+    weight_decay_1d: Bool              # also decay 1-d parameters (norms, biases)
+    drop_last: Bool                    # drop each epoch's last, short global batch
     adam_betas: Annotated[list, BeforeValidator(_adam_betas)]
     grad_clip: NonNegNum               # 0 = off
     gradient_checkpointing: Bool
@@ -390,6 +410,16 @@ class TrainSection(_Section):
     save_every: PosInt
     seed: Seed
     launcher: NonEmptyStr              # the command that runs stages/train.py (dvc.yaml cmd)
+
+    @field_validator("prompt_format")
+    @classmethod
+    def _behaviour_needs_the_sampling_prompt(cls, value: str, info: ValidationInfo) -> str:
+        loss = info.data.get("loss")
+        if value == "question" and loss in ("is", "is_dft"):
+            raise ValueError(f"question trains on another prompt than the one the behaviour log-probs were "
+                             f"recorded under, which train.loss {loss} divides by; use train.prompt_format "
+                             f"sampling with is / is_dft, or train.loss sft / dft")
+        return value
 
     @field_validator("global_batch_size")
     @classmethod

@@ -4,14 +4,18 @@
 Data. Rows are training examples (docs/records.md). The model input is
 ``encode_prompt(tokenizer, prompt) + response_ids``; only response tokens are predicted (the
 prompt and the padding are masked out of the loss). ``behaviour_logprobs`` (or null) is aligned
-with ``response_ids``. A row longer than ``max_length`` keeps its whole prompt and loses the end
-of its response (counted as *truncated*; a sequence-level IS weight then covers the kept tokens
-only); a row whose prompt alone leaves no room for a response token is dropped (counted).
+with ``response_ids``. ``train.prompt_format: question`` replaces the row's prompt by the chat
+template applied to the bare problem (read from the problems file), ``train.response_end: eos``
+its response's last token by EOS (:func:`load_examples`). A row longer than ``max_length`` keeps
+its whole prompt and loses the end of its response (counted as *truncated*; a sequence-level IS
+weight then covers the kept tokens only); a row whose prompt alone leaves no room for a response
+token is dropped (counted).
 
 Batching. One optimizer step consumes one *global batch* of ``global_batch_size`` rows. Each
 epoch visits the rows in a permutation seeded by ``(seed, epoch)``; the plan of global batches
 is a pure function of the seed and the row count, so a resumed run replays exactly the batches
-that remain. The last global batch of an epoch may be short (no row is dropped). A global batch
+that remain. The last global batch of an epoch may be short (no row is dropped), unless
+``drop_last`` (then each epoch ends with its last full batch). A global batch
 is cut into ``gradient_accumulation_steps x world_size`` micro-batches of ``micro_batch_size``;
 rank ``r`` gets slots ``m * world_size + r``. A slot left empty by a short batch runs a forward
 and backward on a masked dummy row (loss 0) so that every rank takes part in the collectives.
@@ -29,12 +33,15 @@ the loss, weights, behaviour log-probs and per-tier statistics are those of the 
 Before the first step :func:`check_packing` runs two rows packed and alone and stops the run if
 they differ (a model whose attention ignores packed position ids would let rows see each other).
 
-Normalisation. The loss is the token mean over **all response tokens of the global batch**:
-every rank knows the plan, so it knows that count without communication, and each micro-batch
-divides its weighted sum by ``tokens_global / (gradient_accumulation_steps * world_size)``;
-DeepSpeed then divides by the accumulation steps and averages over ranks (with ``batching:
-tokens``: by ``tokens_global / world_size``, and no division by the accumulation steps). The result does not
-depend on how the batch is split over micro-batches and processes (the 1- vs 2-process test).
+Normalisation (``train.loss_norm``, :func:`micro_batch_normaliser`). ``global_token_mean``: the
+loss is the token mean over **all response tokens of the global batch**: every rank knows the
+plan, so it knows that count without communication, and each micro-batch divides its weighted sum
+by ``tokens_global / (gradient_accumulation_steps * world_size)``; DeepSpeed then divides by the
+accumulation steps and averages over ranks (with ``batching: tokens``: by ``tokens_global /
+world_size``, and no division by the accumulation steps). The result does not depend on how the
+batch is split over micro-batches and processes (the 1- vs 2-process test).
+``micro_batch_token_mean_sum`` (the paper's verl trainer): each micro-batch's own token mean,
+summed over a rank's micro-batches, averaged over ranks.
 
 Cost. One forward per micro-batch: ``gather_logprobs`` turns the logits into the target-token
 log-probs, and the loss weights are computed from their detached values (no second pass).
@@ -90,6 +97,10 @@ log = logging.getLogger("drsft.train")
 
 TIERS = ("self", "guided", "fallback", "expert")
 DATA_KINDS = ("rewritten", "expert")
+LOSS_NORMS = ("global_token_mean", "micro_batch_token_mean_sum")
+PROMPT_FORMATS = ("sampling", "question")
+RESPONSE_ENDS = ("end_of_turn", "eos")
+LR_SCHEDULES = ("drsft", "verl")
 FINGERPRINT_FILE = "fingerprint.json"
 CHECKPOINT_FORMAT = 1        # bump when the client state saved in checkpoints changes
 TAG_PREFIX = "step-"
@@ -141,11 +152,13 @@ def attention_implementation(choice: str, on_gpu: bool, packing: bool) -> str | 
 
 def build_optimizer(model, cfg: Mapping[str, Any]):
     """AdamW at ``train.lr`` with ``train.adam_betas``; weight decay on the matrices only (not on
-    norms and biases)."""
+    norms and biases), or with ``train.weight_decay_1d`` on every parameter (the paper's verl trainer
+    passes all parameters to one AdamW group)."""
     import torch
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    every = bool(cfg["weight_decay_1d"])
+    decay = [p for p in model.parameters() if p.requires_grad and (every or p.ndim >= 2)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not every and p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"],
                              betas=(float(cfg["adam_betas"][0]), float(cfg["adam_betas"][1])))
@@ -192,18 +205,26 @@ def deepspeed_config(cfg: Mapping[str, Any], world_size: int, on_gpu: bool) -> d
     }
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warm-up reaching 1
-    at step ``warmup_steps - 1``, then cosine from 1 (step ``warmup_steps``) towards 0."""
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "drsft") -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based) under ``train.lr_schedule``:
+
+    * ``drsft``: linear warm-up reaching 1 at step ``warmup_steps - 1`` (the first step trains at
+      ``1 / warmup_steps``), then cosine from 1 (step ``warmup_steps``) towards 0;
+    * ``verl``: verl's ``get_cosine_schedule_with_warmup`` (the paper's trainer): the warm-up starts
+      at 0 (the first step moves no weight) and reaches 1 at step ``warmup_steps``, the same cosine.
+    """
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step + (schedule == "drsft")) / warmup_steps
     decay = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
-    return int(math.ceil(warmup_ratio * total_steps))
+def warmup_steps_for(total_steps: int, warmup_ratio: float, schedule: str = "drsft") -> int:
+    """Warm-up steps: ``ceil(ratio x steps)`` (drsft), or ``int(ratio x steps)`` as verl rounds down."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown train.lr_schedule {schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    return int(math.ceil(warmup_ratio * total_steps)) if schedule == "drsft" else int(warmup_ratio * total_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,12 +250,25 @@ class DataStats:
     truncated: int = 0
     dropped: int = 0
     known_behaviour: int = 0
+    end_changed: int = 0          # responses whose end token ``end_token`` replaced
+    end_changed_behaviour: int = 0  # ... of rows with behaviour log-probs (recorded for the old token)
 
 
-def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_size: int) -> tuple[list[Example], DataStats]:
-    """Read training examples (docs/records.md); :class:`DataError` names file, line and field."""
-    from drsft.prompts import encode_prompt
+def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_size: int,
+                  questions: Mapping[str, str] | None = None, end_token: int | None = None
+                  ) -> tuple[list[Example], DataStats]:
+    """Read training examples (docs/records.md); :class:`DataError` names file, line and field.
 
+    As recorded, a row conditions on its ``prompt`` and its response ends with the token it was
+    sampled or written with. ``questions`` (``{problem_id: problem text}``; ``train.prompt_format:
+    question``) replaces each prompt by the chat template applied to the bare problem
+    (:func:`drsft.prompts.question_prompt`). ``end_token`` (``train.response_end: eos``) replaces
+    each response's last token, which ends it (a special token: the stop token it was sampled with,
+    or the end written after a demonstration), by that id; a row whose last token is not special
+    is a :class:`DataError`."""
+    from drsft.prompts import encode_prompt, question_prompt, special_ids
+
+    specials = special_ids(tokenizer) if end_token is not None else set()
     stats = DataStats()
     examples: list[Example] = []
     cache: dict[str, list[int]] = {}
@@ -263,6 +297,19 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_siz
             beh = [min(float(v), 0.0) for v in beh]
             stats.known_behaviour += 1
         check_duplicate_row(seen, pid, tier, resp, path, line)
+        if questions is not None:
+            if pid not in questions:
+                raise DataError(path, line, f"{pid!r} is not a problem of the problems file (train.prompt_format: "
+                                            f"question renders the prompt from the problem's text)", "problem_id")
+            prompt = question_prompt(tokenizer, questions[pid])
+        if end_token is not None and resp and resp[-1] != end_token:
+            if resp[-1] not in specials:
+                raise DataError(path, line, f"ends with token {resp[-1]}, not a special token: train.response_end: "
+                                            f"eos replaces the token that ends a response (docs/records.md)",
+                                "response_ids")
+            resp = [*resp[:-1], end_token]
+            stats.end_changed += 1
+            stats.end_changed_behaviour += beh is not None
         if prompt not in cache:
             cache[prompt] = encode_prompt(tokenizer, prompt)
         pids = cache[prompt]
@@ -281,14 +328,77 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_siz
     return examples, stats
 
 
-def batch_plan(n_examples: int, global_batch: int, epochs: int, seed: int) -> list[list[int]]:
-    """Global batches (lists of example indices) for all epochs, a pure function of its inputs."""
+def read_questions(problems_path: str | os.PathLike | None) -> dict[str, str]:
+    """``{problem id: problem text}`` of the problems file (``train.prompt_format: question``)."""
+    if problems_path is None:
+        raise ParamsError("params.yaml: train.prompt_format: question renders each prompt from the problem's text: "
+                          "the stage needs the problems file (--problems)")
+    out: dict[str, str] = {}
+    for line, rec in iter_records(problems_path):
+        out[require(rec, "id", problems_path, line)] = require(rec, "problem", problems_path, line)
+    return out
+
+
+def response_end_token(tokenizer, response_end: str) -> int | None:
+    """The id every training response ends with for ``train.response_end`` (None: as recorded)."""
+    if response_end == "end_of_turn":
+        return None
+    if response_end == "eos":
+        if tokenizer.eos_token_id is None:
+            raise ParamsError("params.yaml: train.response_end: eos, but the tokenizer has no EOS token")
+        return int(tokenizer.eos_token_id)
+    raise ValueError(f"unknown train.response_end {response_end!r}: expected one of {', '.join(RESPONSE_ENDS)}")
+
+
+def check_response_end(loss: str, stats: DataStats) -> None:
+    """An importance-sampling loss divides by each token's behaviour probability: a response whose
+    sampled stop token ``train.response_end: eos`` replaced has none for the token it trains on."""
+    if loss in ("is", "is_dft") and stats.end_changed_behaviour:
+        raise ParamsError(f"params.yaml: train.response_end: eos replaces the sampled stop token of "
+                          f"{stats.end_changed_behaviour} row(s) with behaviour log-probs, recorded for the token "
+                          f"sampled, which train.loss {loss} divides by; use train.response_end end_of_turn "
+                          f"with is / is_dft")
+
+
+def batch_plan(n_examples: int, global_batch: int, epochs: int, seed: int, *, drop_last: bool
+               ) -> list[list[int]]:
+    """Global batches (lists of example indices) for all epochs, a pure function of its inputs.
+    ``drop_last``: each epoch ends with its last full batch (the rows that fall in the short one are
+    not trained on in that epoch), as the paper's loader does (``DistributedSampler`` and ``DataLoader``, both
+    ``drop_last=True``: ``floor(n / global_batch)`` steps per epoch on its two ranks)."""
+    if drop_last and n_examples < global_batch:
+        raise ParamsError(f"params.yaml: train.drop_last: {n_examples} training rows make no full batch of "
+                          f"train.global_batch_size ({global_batch}): every row would be dropped")
+    end = n_examples - (n_examples % global_batch if drop_last else 0)
     plan: list[list[int]] = []
     for epoch in range(epochs):
         order = list(range(n_examples))
         random.Random(f"drsft-train-{seed}-{epoch}").shuffle(order)
-        plan.extend(order[i:i + global_batch] for i in range(0, n_examples, global_batch))
+        plan.extend(order[i:i + global_batch] for i in range(0, end, global_batch))
     return plan
+
+
+def micro_batch_normaliser(loss_norm: str, tokens_global: int, tokens_micro: int, gas: int, world_size: int,
+                           by_tokens: bool) -> float:
+    """What one micro-batch divides its weighted token-loss sum by, so that after DeepSpeed's scaling
+    (the loss divided by the accumulation steps ``gas``, unless ``by_tokens``: then the trainer sets
+    the boundary and nothing is divided) and its average over the ``world_size`` ranks the optimizer
+    sees the gradient ``train.loss_norm`` names:
+
+    * ``global_token_mean``: the token mean over the global batch (``tokens_global`` response tokens
+      of all micro-batches of all ranks): every token counts the same, however the batch is split;
+    * ``micro_batch_token_mean_sum``: each micro-batch's own token mean, summed over the rank's
+      micro-batches, averaged over the ranks (the paper's verl trainer: ``loss / valid_tokens`` per
+      micro-batch, ``backward`` per micro-batch, FSDP's average over ranks). The gradient grows with
+      the number of micro-batches per rank, and a token of a micro-batch of short responses weighs
+      more than one of long responses.
+
+    A micro-batch without response tokens (a dummy) contributes 0 whatever it divides by."""
+    if loss_norm == "global_token_mean":
+        return tokens_global / (world_size if by_tokens else gas * world_size)
+    if loss_norm == "micro_batch_token_mean_sum":
+        return max(tokens_micro, 1) / (1 if by_tokens else gas)
+    raise ValueError(f"unknown train.loss_norm {loss_norm!r}: expected one of {', '.join(LOSS_NORMS)}")
 
 
 def micro_slots(global_idx: Sequence[int], micro_batch: int, gas: int, world_size: int, rank: int) -> list[list[int]]:
@@ -459,7 +569,10 @@ def check_packing(model, examples: Sequence[Example], pad_id: int, device, tol: 
 
 
 def run_fingerprint(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str | os.PathLike,
-                    resolved_model: str, world_size: int) -> dict:
+                    resolved_model: str, world_size: int, problems_path: str | os.PathLike | None = None) -> dict:
+    """What a checkpoint may be resumed into: the train params (``save_every`` aside), the data file,
+    the base model, the world size, and the problems file when the prompts are rendered from it
+    (``train.prompt_format: question``)."""
     ident = {
         "format": CHECKPOINT_FORMAT,
         "train": {k: v for k, v in sorted(cfg.items()) if k != "save_every"},
@@ -468,6 +581,8 @@ def run_fingerprint(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_
         "resolved_model": resolved_model if not Path(resolved_model).is_dir() else "local",
         "world_size": world_size,
     }
+    if problems_path is not None:
+        ident["problems_sha256"] = file_sha256(Path(problems_path))
     ident["hash"] = fingerprint(ident)
     return ident
 
@@ -692,7 +807,7 @@ def _build_engine(cfg: Mapping[str, Any], ds_cfg: dict, resolved: str, on_gpu: b
 
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
-    warmup = warmup_steps_for(total_steps, cfg["warmup_ratio"])
+    warmup = warmup_steps_for(total_steps, cfg["warmup_ratio"], cfg["lr_schedule"])
     dtype = torch.bfloat16 if on_gpu else torch.float32
     hf_ds = None
     if cfg["zero_stage"] == 3:
@@ -709,7 +824,7 @@ def _build_engine(cfg: Mapping[str, Any], ds_cfg: dict, resolved: str, on_gpu: b
 
     def make_scheduler(opt):
         # Built by DeepSpeed on the optimizer it wraps (ZeRO-3 regroups the parameters).
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, cfg["lr_schedule"]))
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
                                            config=ds_cfg)
@@ -799,8 +914,6 @@ def _train_step(run: _Run, step: int) -> dict[str, Any]:
     by_tokens = cfg["batching"] == "tokens"
     gidx = run.plan[step]
     slots = step_slots(gidx, run.lengths, cfg, run.gas, run.world)[run.rank]
-    # batching: tokens -- the boundary is ours (a varying number of micro-batches), the loss is not scaled by gas
-    normaliser = run.tokens_global[step] / (run.world if by_tokens else run.gas * run.world)
     lr = engine.get_lr()[0]
     stats = _StepStats(torch, device)
     input_tokens = 0
@@ -812,6 +925,9 @@ def _train_step(run: _Run, step: int) -> dict[str, Any]:
             make_batch([run.examples[gidx[0]]], run.pad_id, dummy=True)
         input_tokens += batch["input_tokens"]
         logp = forward_logprobs(engine, batch, device, cfg["packing"])
+        # batching: tokens -- the boundary is ours (a varying number of micro-batches), the loss is not scaled by gas
+        normaliser = micro_batch_normaliser(cfg["loss_norm"], run.tokens_global[step], int(batch["mask"].sum()),
+                                            run.gas, run.world, by_tokens)
         out = weighted_nll(logp, batch["mask"].to(device), cfg["loss"], batch["behaviour"].to(device),
                            batch["known"].to(device), is_clip=cfg["is_clip"], is_level=cfg["is_level"],
                            normaliser=normaliser)
@@ -854,7 +970,7 @@ def _log_step(live, out: dict) -> None:
 def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str | os.PathLike,
           out_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, metrics_path: str | os.PathLike | None,
           live_dir: str | os.PathLike | None = None, trust_remote_code: bool = False,
-          max_steps: int | None = None) -> dict | None:
+          max_steps: int | None = None, problems_path: str | os.PathLike | None = None) -> dict | None:
     """Train and save the model; returns the metrics dict (on every rank), or ``None`` when
     ``max_steps`` stopped the run early (a debugging aid that simulates a kill: no final
     checkpoint, no model, no metrics; the next call resumes from the last periodic checkpoint).
@@ -862,7 +978,9 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
     In order: the process group and DeepSpeed config; the data and the batch plan; the checkpoint
     folder (this run's only); the engine (:func:`_build_engine`); the resumed state
     (:func:`_resume`); then the steps (:func:`_train_step`), logged to dvclive and checkpointed
-    every ``save_every``; the final model, gathered from the ZeRO partitions; the metrics."""
+    every ``save_every``; the final model, gathered from the ZeRO partitions; the metrics.
+    ``problems_path``: the problems file (``data/prepare/train.jsonl``), read with
+    ``train.prompt_format: question``."""
     cfg = validate_config(cfg)
     on_gpu = setup_environment()
 
@@ -895,17 +1013,21 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
     conf = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     conf = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
     vocab = getattr(conf, "vocab_size", None) or len(tokenizer)
-    examples, dstats = load_examples(data_path, tokenizer, cfg["max_length"], vocab)
+    questions = read_questions(problems_path) if cfg["prompt_format"] == "question" else None
+    end_token = response_end_token(tokenizer, cfg["response_end"])
+    examples, dstats = load_examples(data_path, tokenizer, cfg["max_length"], vocab, questions=questions,
+                                     end_token=end_token)
+    check_response_end(cfg["loss"], dstats)
     if cfg["loss"] in ("is", "is_dft") and dstats.known_behaviour == 0 and rank == 0:
         log.warning("loss %s but no row has behaviour_logprobs: every row uses the DFT fallback weight", cfg["loss"])
     if rank == 0:
         log.info("%s: %d rows, %d used, %d truncated to max_length=%d, %d dropped, %d with behaviour log-probs",
                  data_path, dstats.rows, len(examples), dstats.truncated, cfg["max_length"], dstats.dropped,
                  dstats.known_behaviour)
-    plan = batch_plan(len(examples), cfg["global_batch_size"], cfg["epochs"], cfg["seed"])
+    plan = batch_plan(len(examples), cfg["global_batch_size"], cfg["epochs"], cfg["seed"], drop_last=cfg["drop_last"])
     total_steps = len(plan)
 
-    fp = run_fingerprint(cfg, data_path, model_dir, resolved, world)
+    fp = run_fingerprint(cfg, data_path, model_dir, resolved, world, problems_path if questions is not None else None)
     _checkpoint_dir(ckpt_dir, fp, rank, dist)
     engine = _build_engine(cfg, ds_cfg, resolved, on_gpu, total_steps, trust_remote_code, attn)
     state = _resume(engine, ckpt_dir, fp, total_steps, rank)
@@ -986,11 +1108,12 @@ def _summary(run: _Run, state: dict, dstats: DataStats) -> dict:
     return {
         "steps": len(run.plan),
         "epochs": cfg["epochs"],
-        "examples": len(run.examples) * cfg["epochs"],
+        "examples": sum(len(b) for b in run.plan),     # rows trained on, over the epochs (drop_last: fewer)
         "rows": dstats.rows,
         "rows_used": len(run.examples),
         "truncated": dstats.truncated,
         "dropped": dstats.dropped,
+        "response_end_replaced": dstats.end_changed,
         "response_tokens": int(sum(run.tokens_global)),
         "input_tokens": state["input_tokens"],
         "final_loss": history[-1] if history else None,
