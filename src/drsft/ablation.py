@@ -39,7 +39,10 @@ ARM_OVERRIDES = {"dr-noguided-dft": ("guided_align.n=0",),
                  "dr-dft-paper": PAPER_TRAIN}
 # The comparisons the optional arms answer: guided re-solving's share, and drsft's IS weights on the
 # rewritten data against the same loss without them (skipped when an arm was not run).
-EXTRA_PAIRS = [("dr-dft", "dr-noguided-dft"), ("dr-is", "dr-sft"), ("dr-is-dft", "dr-dft"),
+# The paper's table's other relations (both models: SFT < DR+SFT < DFT < DR+DFT; DFT and DR+DFT above
+# the base model; SFT above it for Qwen2.5-Math-7B, below for Llama-3.1-8B-Instruct).
+RELATION_PAIRS = [("sft", "base"), ("dft", "base"), ("dr-sft", "base"), ("dft", "dr-sft"), ("dr-dft", "dr-sft")]
+EXTRA_PAIRS = RELATION_PAIRS + [("dr-dft", "dr-noguided-dft"), ("dr-is", "dr-sft"), ("dr-is-dft", "dr-dft"),
                ("dr-dft-mbnorm", "dr-dft"), ("dr-dft-question", "dr-dft"), ("dr-dft-keepall", "dr-dft"),
                ("dr-dft-paper", "dr-dft")]
 
