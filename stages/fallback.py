@@ -83,7 +83,7 @@ def main(params_path, problems, self_rows, guided_rows, unsolved, self_metrics, 
     write_records(record_file(out, "rewritten", fmt), rewritten, dtype)
     write_records(record_file(out, "expert", fmt), expert, dtype)
     write_csv(plot_csv, nll_histogram(rewritten, expert), ["nll", "expert", "rewritten"])
-    m = {**rewrite_metrics(rewritten, expert), "dropped": dropped}
+    m = {**rewrite_metrics(rewritten, expert, {p["id"]: p.get("source", "") for p in problem_list}), "dropped": dropped}
     write_json(metrics, m)
     write_csv(tiers_csv, [{"tier": t, "problems": v["count"], "share": v["share"]} for t, v in m["tiers"].items()],
               ["tier", "problems", "share"])

@@ -117,6 +117,37 @@ def test_experiment_groups_give_each_arm_its_data_loss_seed_and_upstream_overrid
                                              "guided_align.n=0", "train.lr=1e-4"]
 
 
+# Every arm, written out here from its definition (the paper's four arms; drsft's extensions), not
+# from drsft.ablation's tables: the data it trains on, its loss and what it sets upstream or in train.
+ARM_DEFINITIONS = {
+    "sft": ("expert", "sft", set()), "dft": ("expert", "dft", set()),
+    "dr-sft": ("rewritten", "sft", set()), "dr-dft": ("rewritten", "dft", set()),
+    "dr-is": ("rewritten", "is", set()), "dr-is-dft": ("rewritten", "is_dft", set()),
+    "rft": ("self", "sft", set()),
+    "dr-noguided-sft": ("rewritten", "sft", {"guided_align.n=0"}),
+    "dr-noguided-dft": ("rewritten", "dft", {"guided_align.n=0"}),
+    "dr-sft-keepall": ("rewritten", "sft", {"self_align.keep_per_problem=all"}),
+    "dr-dft-keepall": ("rewritten", "dft", {"self_align.keep_per_problem=all"}),
+    "dr-dft-mbnorm": ("rewritten", "dft", {"train.loss_norm=micro_batch_token_mean_sum"}),
+    "dr-dft-question": ("rewritten", "dft", {"train.prompt_format=question"}),
+    "dr-dft-paper": ("rewritten", "dft", {"train.loss_norm=micro_batch_token_mean_sum", "train.prompt_format=question",
+                                          "train.response_end=eos", "train.weight_decay_1d=true",
+                                          "train.drop_last=true", "train.lr_schedule=verl"}),
+}
+
+
+def test_every_arm_trains_on_its_defined_data_loss_and_overrides():
+    from drsft.ablation import IS_ARMS, PARITY_ARMS, TIER_ARMS
+
+    arms = ARMS + IS_ARMS + NOGUIDED_ARMS + TIER_ARMS + PARITY_ARMS
+    assert {a for a, _, _ in arms} == set(ARM_DEFINITIONS)
+    [(_, sets, _)] = experiment_groups(list({a[0]: a for a in arms}.values()), [3], "", ())
+    for arm, (data, loss, extra) in ARM_DEFINITIONS.items():
+        got = sets[exp_name(arm, "", 3)]
+        assert got[:3] == [f"train.data={data}", f"train.loss={loss}", "train.seed=3"], arm
+        assert set(got[3:]) == extra, arm
+
+
 def test_world_groups_pretrain_a_model_per_seed_and_keep_the_workspace_world_for_the_first():
     """--worlds: one group per seed; the first seed keeps the workspace's pretrained model (no
     override, so its upstream stages stay cached), seed i pretrains with the pretraining seed + i

@@ -50,6 +50,13 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     assert rewrite["problems"] == train_rows
     assert sum(t["count"] for t in rewrite["tiers"].values()) == rewrite["problems"]
     assert sum(t["rows"] for t in rewrite["tiers"].values()) == rewrite["rows"]
+    families = {json.loads(line)["source"] for line in open(dst / "data/prepare/train.jsonl")}
+    assert set(rewrite["gap_by_family"]) == families
+    assert sum(f["rewritten"]["rows"] for f in rewrite["gap_by_family"].values()) == rewrite["rows"]
+    probe = json.loads((dst / "metrics/probe.json").read_text())["world"]
+    assert all({"nll_guided_correct", "guided_correct_samples", "nll_expert_guided_problems"} <= set(f)
+               for f in probe["families"].values())
+    assert sum(f["guided_correct_samples"] for f in probe["families"].values()) == probe["guided_correct_samples"]
     evaluation = json.loads((dst / "metrics/evaluate.json").read_text())
     assert set(evaluation["benchmarks"]) == set(yaml.safe_load((dst / "params.yaml").read_text())["evaluate"]["benchmarks"])
 

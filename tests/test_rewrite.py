@@ -194,3 +194,8 @@ def test_policy_gap_and_rewrite_metrics_by_hand():
     assert sum(h["expert"] for h in hist) == pytest.approx(1.0)
     assert sum(h["rewritten"] for h in hist) == pytest.approx(1.0)
     assert policy_gap([])["nll"] is None
+    fam = rewrite_metrics(rewritten, expert, {"a": "x", "b": "x", "c": "y"})["gap_by_family"]
+    assert fam["x"]["self"] == {"rows": 1, "nll": pytest.approx(1.0)} and fam["x"]["guided"]["nll"] == pytest.approx(2.0)
+    assert fam["x"]["rewritten"]["nll"] == pytest.approx(1.5) and fam["x"]["expert"] == {"rows": 2, "nll": pytest.approx(4.0)}
+    assert fam["y"]["fallback"]["nll"] == pytest.approx(3.0) and fam["y"]["self"] == {"rows": 0, "nll": None}
+    assert "gap_by_family" not in m

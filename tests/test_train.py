@@ -36,7 +36,7 @@ TRAIN_CFG = {
     "response_end": "end_of_turn", "weight_decay_1d": False, "drop_last": False, "lr_schedule": "drsft", "is_clip": [0.0, 2.0], "is_level": "token", "zero_stage": 2,
     "lr": 3.0e-3, "epochs": 1, "micro_batch_size": 3, "global_batch_size": 12, "max_length": 96,
     "warmup_ratio": 0.25, "weight_decay": 0.01, "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "save_every": 2,
-    "seed": 0, "gradient_checkpointing": False, "packing": False, "attn_implementation": "auto", "batching": "rows",
+    "seed": 0, "gradient_checkpointing": False, "packing": False, "logprob_chunk": 1024, "attn_implementation": "auto", "batching": "rows",
     "max_tokens_per_micro_batch": 4096,
 }
 N_ROWS = 40          # 4 optimizer steps of 12, 12, 12, 4 rows: the last global batch is short
@@ -382,6 +382,20 @@ def test_load_examples_truncates_drops_and_names_bad_fields(tmp_path, tiny_model
         write_jsonl(path, [good, {**good, **bad}])
         with pytest.raises(DataError, match=rf"t\.jsonl:2: field '{field}'"):
             load_examples(path, tok, 512, len(tok))
+
+
+def test_train_data_self_reads_the_self_tier_of_the_rewritten_set(train_file, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from drsft.train import data_file, data_tiers
+
+    assert data_file(tmp_path, "self", "parquet") == data_file(tmp_path, "rewritten", "parquet")
+    assert data_tiers("self") == {"self"} and data_tiers("rewritten") is None and data_tiers("expert") is None
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    every, _ = load_examples(train_file, tok, 96, len(tok))
+    own, st = load_examples(train_file, tok, 96, len(tok), tiers=data_tiers("self"))
+    assert {e.tier for e in own} == {"self"} and len(own) == N_ROWS // 4 == st.rows - st.other_tiers
+    assert [e.input_ids for e in own] == [e.input_ids for e in every if e.tier == "self"]
 
 
 # ----------------------------------------------------------------------------------------------

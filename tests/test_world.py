@@ -341,6 +341,28 @@ def test_world_checks_flag_each_property_at_its_threshold(over, failing):
     assert {k for k, ok in checks.items() if not ok} == failing
 
 
+def _fam(solve, guided, own, g, expert_same):
+    return {"solve_rate": solve, "guided_solve_rate": guided, "nll_own_correct": own, "nll_guided_correct": g,
+            "nll_expert_guided_problems": expert_same}
+
+
+@pytest.mark.parametrize("families, closer", [
+    # a: self 0.01 < guided 0.05 < expert 0.2; b (headroom): no own samples, guided 0.3 < expert 0.4
+    ({"a": _fam(0.5, 0.6, 0.01, 0.05, 0.2), "b": _fam(0.0, 0.5, None, 0.3, 0.4)}, True),
+    ({"a": _fam(0.5, 0.6, 0.01, 0.05, 0.2), "b": _fam(0.0, 0.5, None, 1.2, 0.4)}, False),    # headroom: guided > expert
+    ({"a": _fam(0.5, 0.6, 0.06, 0.05, 0.2), "b": _fam(0.0, 0.5, None, 0.3, 0.4)}, False),    # guided closer than self
+    ({"a": _fam(0.5, 0.6, 0.01, 0.25, 0.2), "b": _fam(0.0, 0.5, None, 0.3, 0.4)}, False),    # guided beyond expert
+    ({"a": _fam(0.5, 0.6, 0.01, 0.05, 0.2), "b": _fam(0.0, 0.5, 0.9, 0.3, 0.4)}, True),      # headroom: self not judged
+    ({"a": _fam(0.5, 0.6, 0.01, None, 0.2), "b": _fam(0.0, 0.5, None, 0.3, 0.4)}, True),     # no re-solve: not judged
+])
+def test_rewriting_closer_is_self_guided_expert_per_family(families, closer):
+    from drsft.toy.probe import world_checks
+
+    checks = world_checks(_summary(families=families), PROBE)
+    assert checks["rewriting_closer"] is closer
+    assert "rewriting_closer" not in world_checks(_summary(), PROBE)    # a summary from before the measure
+
+
 def test_committed_world_summary_follows_its_checks_under_params():
     """metrics/probe.json (what `make repro` measured on the committed machine's base model)
     re-checked against params.yaml's thresholds: the recorded flags are what they imply. Whether

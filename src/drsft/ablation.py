@@ -21,18 +21,23 @@ from drsft.stats import DEFAULT_N_BOOT, bootstrap, half_width, interval, point
 ARMS = [("sft", "expert", "sft"), ("dft", "expert", "dft"), ("dr-sft", "rewritten", "sft"),
         ("dr-dft", "rewritten", "dft")]
 IS_ARMS = [("dr-is", "rewritten", "is"), ("dr-is-dft", "rewritten", "is_dft")]
-# The comparisons the paper makes (first minus second).
+# The comparisons between the paper's arms that its table is read for (first minus second).
 PAIRS = [("dr-dft", "dft"), ("dr-sft", "sft"), ("dr-dft", "base"), ("dft", "sft")]
 # The tier ablation: DR without guided re-solving (every problem without a correct sample keeps its
 # expert demonstration), by the params each such arm overrides upstream of train, and what it tests.
 NOGUIDED_ARMS = [("dr-noguided-dft", "rewritten", "dft")]
+# Which part of rewriting carries the benefit: rejection-sampling fine-tuning on the self tier alone
+# (train.data self), DR without guided re-solving under either loss, and every correct sample kept.
+TIER_ARMS = [("rft", "self", "sft"), ("dr-noguided-sft", "rewritten", "sft"), ("dr-noguided-dft", "rewritten", "dft"),
+             ("dr-sft-keepall", "rewritten", "sft"), ("dr-dft-keepall", "rewritten", "dft")]
 # The parity options (docs/parity.md): DR+DFT with one choice of the paper's code each, with all of
 # its train options together, and with every correct sample kept (the paper's text is silent on it).
 PARITY_ARMS = [("dr-dft-mbnorm", "rewritten", "dft"), ("dr-dft-question", "rewritten", "dft"),
                ("dr-dft-keepall", "rewritten", "dft"), ("dr-dft-paper", "rewritten", "dft")]
 PAPER_TRAIN = ("train.loss_norm=micro_batch_token_mean_sum", "train.prompt_format=question", "train.response_end=eos",
                "train.weight_decay_1d=true", "train.drop_last=true", "train.lr_schedule=verl")
-ARM_OVERRIDES = {"dr-noguided-dft": ("guided_align.n=0",),
+ARM_OVERRIDES = {"dr-noguided-dft": ("guided_align.n=0",), "dr-noguided-sft": ("guided_align.n=0",),
+                 "dr-sft-keepall": ("self_align.keep_per_problem=all",),
                  "dr-dft-mbnorm": ("train.loss_norm=micro_batch_token_mean_sum",),
                  "dr-dft-question": ("train.prompt_format=question",),
                  "dr-dft-keepall": ("self_align.keep_per_problem=all",),
@@ -42,7 +47,8 @@ ARM_OVERRIDES = {"dr-noguided-dft": ("guided_align.n=0",),
 # The paper's table's other relations (both models: SFT < DR+SFT < DFT < DR+DFT; DFT and DR+DFT above
 # the base model; SFT above it for Qwen2.5-Math-7B, below for Llama-3.1-8B-Instruct).
 RELATION_PAIRS = [("sft", "base"), ("dft", "base"), ("dr-sft", "base"), ("dft", "dr-sft"), ("dr-dft", "dr-sft")]
-EXTRA_PAIRS = RELATION_PAIRS + [("dr-dft", "dr-noguided-dft"), ("dr-is", "dr-sft"), ("dr-is-dft", "dr-dft"),
+EXTRA_PAIRS = RELATION_PAIRS + [("rft", "sft"), ("rft", "base"), ("dr-sft", "rft"), ("dr-sft", "dr-noguided-sft"),
+                                ("dr-sft-keepall", "dr-sft"), ("dr-dft", "dr-noguided-dft"), ("dr-is", "dr-sft"), ("dr-is-dft", "dr-dft"),
                ("dr-dft-mbnorm", "dr-dft"), ("dr-dft-question", "dr-dft"), ("dr-dft-keepall", "dr-dft"),
                ("dr-dft-paper", "dr-dft")]
 

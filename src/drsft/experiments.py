@@ -20,14 +20,15 @@ write ``metrics/ablation.json`` and print the table with 95 % intervals.
    experiment's commit, read from the DVC cache through ``dvc.api.DVCFileSystem``) and of the base
    model go to :func:`drsft.ablation.summarize`: mean avg@k per arm over seeds and problems, a 95 %
    interval that counts seed (training run, and with ``--worlds`` pretrained model) and evaluation
-   noise, and the paired differences the paper
-   reports (DR+DFT − DFT, DR+SFT − SFT, DR+DFT − base, DFT − SFT). Written to ``metrics/ablation.json``
+   noise, and the paired differences between the paper's arms (DR+DFT − DFT, DR+SFT − SFT, DR+DFT −
+   base, DFT − SFT; and the other relations of its table). Written to ``metrics/ablation.json``
    (``metrics/ablation-<tag>.json`` with ``--tag``) and printed as ``mean ± half-width``.
 
     drsft ablation                      # four arms x 3 seeds (make ablation; toy: 3 worlds)
     drsft ablation --no-worlds          # toy: every seed on the workspace's one pretrained model
     drsft ablation --seeds 5 --with-is  # more seeds, plus rewritten+is and rewritten+is_dft
     drsft ablation --with-noguided      # plus DR+DFT without guided re-solving (DR+DFT vs it)
+    drsft ablation --with-tiers         # plus rft, DR without guided re-solving (both losses), keep-all
     drsft ablation --with-parity --arms dr-dft --arms dr-dft-mbnorm   # a parity option's effect (docs/parity.md)
     drsft ablation --arms dft --arms dr-dft   # a subset of the arms
     drsft ablation --table-only         # recompute the summary from existing experiments
@@ -46,7 +47,7 @@ from pathlib import Path
 import click
 
 from drsft.ablation import (ARM_OVERRIDES, ARMS, EXTRA_PAIRS, IS_ARMS, NOGUIDED_ARMS, PAIRS, PARITY_ARMS,
-                            format_tables, summarize)
+                            TIER_ARMS, format_tables, summarize)
 from drsft.io import iter_jsonl_stream, write_json
 from drsft.params import load_params, pretraining_seed
 from drsft.stats import problem_scores
@@ -354,6 +355,9 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
 @click.option("--with-is", is_flag=True, help="also run the importance-sampling arms (drsft's extensions)")
 @click.option("--with-noguided", is_flag=True,
               help="also run the tier ablation dr-noguided-dft (guided_align.n=0: no guided re-solving)")
+@click.option("--with-tiers", is_flag=True,
+              help="also run the arms that attribute the benefit of rewriting: rft (the self tier alone), "
+                   "dr-noguided-sft, dr-noguided-dft, dr-sft-keepall, dr-dft-keepall")
 @click.option("--with-parity", is_flag=True,
               help="also run DR+DFT at the paper code's choices (docs/parity.md): dr-dft-mbnorm, dr-dft-question, "
                    "dr-dft-keepall, dr-dft-paper")
@@ -374,7 +378,7 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
               help="each seed also pretrains its own base model (prepare.pretrain.seed), so the intervals count "
                    "the model-to-model variation another machine's float path brings [default: on for the "
                    "embedded toy model]")
-def ablation_command(n_seeds, with_is, with_noguided, with_parity, only, table_only, jobs, plots_dir, overrides, tag, n_boot, out,
+def ablation_command(n_seeds, with_is, with_noguided, with_tiers, with_parity, only, table_only, jobs, plots_dir, overrides, tag, n_boot, out,
                      skip_existing, worlds):
     """The paper's comparison: the arms x seeds as queued `dvc exp run`s, then
     metrics/ablation.json (means, 95 % intervals, paired differences) and the table."""
@@ -388,13 +392,14 @@ def ablation_command(n_seeds, with_is, with_noguided, with_parity, only, table_o
         raise click.UsageError("--worlds redraws the embedded model's pretraining (prepare.pretrain.seed): "
                                f"model.base is {params['model']['base']!r}, not toy")
     arms = ARMS + (IS_ARMS if with_is else []) + (NOGUIDED_ARMS if with_noguided else []) + \
-        (PARITY_ARMS if with_parity else [])
+        (TIER_ARMS if with_tiers else []) + (PARITY_ARMS if with_parity else [])
+    arms = list({a[0]: a for a in arms}.values())    # an arm two options both add runs once
     if only:
         unknown = sorted(set(only) - {a for a, _, _ in arms})
         if unknown:
             raise click.UsageError(f"--arms: unknown arm(s) {', '.join(unknown)}; the selected set is "
-                                   f"{', '.join(a for a, _, _ in arms)} (--with-is / --with-noguided / --with-parity "
-                                   f"add more)")
+                                   f"{', '.join(a for a, _, _ in arms)} (--with-is / --with-noguided / --with-tiers / "
+                                   f"--with-parity add more)")
         arms = [arm for arm in arms if arm[0] in only]
     base_seed = int(params["train"]["seed"])
     seeds = [base_seed + i for i in range(n_seeds)]

@@ -270,10 +270,28 @@ def policy_gap(rows: Sequence[Mapping]) -> dict:
     return out
 
 
-def rewrite_metrics(rewritten: Sequence[Mapping], expert: Sequence[Mapping]) -> dict:
+def gap_by_family(rewritten: Sequence[Mapping], expert: Sequence[Mapping], families: Mapping[str, str]) -> dict:
+    """``{family: {tier | "rewritten" | "expert": {"rows", "nll"}}}``: the mean per-token NLL under the
+    base model (plain prompt) of each tier, of the rewritten set and of the expert set, per problem
+    family (``families``: problem id -> the problem's ``source``), so that one family's tier cannot
+    hide behind the mean of the others."""
+    out: dict = {}
+    for fam in sorted(set(families.values())):
+        def mine(rows):
+            return [r for r in rows if families.get(r["problem_id"]) == fam]
+
+        sets = {t: [r for r in mine(rewritten) if r["tier"] == t] for t in TIERS}
+        sets["rewritten"], sets["expert"] = mine(rewritten), mine(expert)
+        out[fam] = {name: {"rows": len(rows), "nll": policy_gap(rows)["nll"]} for name, rows in sets.items()}
+    return out
+
+
+def rewrite_metrics(rewritten: Sequence[Mapping], expert: Sequence[Mapping],
+                    families: Mapping[str, str] | None = None) -> dict:
     """metrics/rewrite.json: per tier the problems it holds (``count``, ``share`` of the problems) and
     its training rows (``rows``: more than its problems where ``keep_per_problem`` keeps several),
-    NLL per tier / set, policy-gap statistics."""
+    NLL per tier / set, policy-gap statistics; with ``families`` (problem id -> family) the NLL per
+    tier and family (:func:`gap_by_family`)."""
     problems = {t: {r["problem_id"] for r in rewritten if r["tier"] == t} for t in TIERS}
     rows = Counter(r["tier"] for r in rewritten)
     total = len({r["problem_id"] for r in rewritten})
@@ -288,6 +306,7 @@ def rewrite_metrics(rewritten: Sequence[Mapping], expert: Sequence[Mapping]) -> 
         "problems": total,
         "nll": {name: g["nll"] for name, g in gap.items()},
         "gap": gap,
+        **({"gap_by_family": gap_by_family(rewritten, expert, families)} if families is not None else {}),
     }
 
 

@@ -78,7 +78,7 @@ Rule = Literal["random", "shortest", "highest_logprob"]          # drsft.rewrite
 Family = Literal["arith", "linear", "fraction", "decimal", "precedence"]  # drsft.toy.world.FAMILIES
 Loss = Literal["sft", "dft", "is", "is_dft"]                     # drsft.losses.LOSS_KINDS
 IsLevel = Literal["token", "sequence"]                           # drsft.losses.IS_LEVELS
-TrainData = Literal["rewritten", "expert"]                       # drsft.train.DATA_KINDS
+TrainData = Literal["rewritten", "expert", "self"]               # drsft.train.DATA_KINDS
 LossNorm = Literal["global_token_mean", "micro_batch_token_mean_sum"]   # drsft.train.LOSS_NORMS
 PromptFormat = Literal["sampling", "question"]                   # drsft.train.PROMPT_FORMATS
 ResponseEnd = Literal["end_of_turn", "eos"]                      # drsft.train.RESPONSE_ENDS
@@ -404,6 +404,7 @@ class TrainSection(_Section):
     grad_clip: NonNegNum               # 0 = off
     gradient_checkpointing: Bool
     packing: Bool                      # a micro-batch's rows as one padding-free packed sequence
+    logprob_chunk: NonNegInt           # positions per chunk of the log-prob head; 0: the full logits
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"]   # drsft.train.attention_implementation
     batching: Literal["rows", "tokens"]  # micro-batches of micro_batch_size rows, or by token budget
     max_tokens_per_micro_batch: PosInt   # batching: tokens -- the budget (packed: sum of lengths)

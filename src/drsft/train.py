@@ -96,7 +96,7 @@ from drsft.params import ParamsError
 log = logging.getLogger("drsft.train")
 
 TIERS = ("self", "guided", "fallback", "expert")
-DATA_KINDS = ("rewritten", "expert")
+DATA_KINDS = ("rewritten", "expert", "self")   # self: the rewritten set's self tier (rejection-sampling FT)
 LOSS_NORMS = ("global_token_mean", "micro_batch_token_mean_sum")
 PROMPT_FORMATS = ("sampling", "question")
 RESPONSE_ENDS = ("end_of_turn", "eos")
@@ -252,11 +252,12 @@ class DataStats:
     known_behaviour: int = 0
     end_changed: int = 0          # responses whose end token ``end_token`` replaced
     end_changed_behaviour: int = 0  # ... of rows with behaviour log-probs (recorded for the old token)
+    other_tiers: int = 0          # rows of tiers train.data leaves out (train.data: self)
 
 
 def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_size: int,
-                  questions: Mapping[str, str] | None = None, end_token: int | None = None
-                  ) -> tuple[list[Example], DataStats]:
+                  questions: Mapping[str, str] | None = None, end_token: int | None = None,
+                  tiers: frozenset[str] | None = None) -> tuple[list[Example], DataStats]:
     """Read training examples (docs/records.md); :class:`DataError` names file, line and field.
 
     As recorded, a row conditions on its ``prompt`` and its response ends with the token it was
@@ -265,7 +266,8 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_siz
     (:func:`drsft.prompts.question_prompt`). ``end_token`` (``train.response_end: eos``) replaces
     each response's last token, which ends it (a special token: the stop token it was sampled with,
     or the end written after a demonstration), by that id; a row whose last token is not special
-    is a :class:`DataError`."""
+    is a :class:`DataError`. ``tiers``: only rows of these tiers are used (the others are checked
+    and counted in ``rows``, not in ``used``)."""
     from drsft.prompts import encode_prompt, question_prompt, special_ids
 
     specials = special_ids(tokenizer) if end_token is not None else set()
@@ -297,6 +299,9 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_siz
             beh = [min(float(v), 0.0) for v in beh]
             stats.known_behaviour += 1
         check_duplicate_row(seen, pid, tier, resp, path, line)
+        if tiers is not None and tier not in tiers:
+            stats.other_tiers += 1
+            continue
         if questions is not None:
             if pid not in questions:
                 raise DataError(path, line, f"{pid!r} is not a problem of the problems file (train.prompt_format: "
@@ -324,7 +329,7 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int, vocab_siz
         examples.append(Example(pid, tier, list(pids) + list(resp), len(pids), beh))
     if not examples:
         raise DataError(path, None, f"no usable training rows ({stats.rows} read, {stats.dropped} with prompts longer "
-                                    f"than train.max_length={max_length})")
+                                    f"than train.max_length={max_length}, {stats.other_tiers} of other tiers)")
     return examples, stats
 
 
@@ -523,11 +528,36 @@ def collate_packed(examples: Sequence[Example], pad_id: int, dummy: bool = False
     return batch
 
 
-def forward_logprobs(model, batch: dict, device, packed: bool):
+def logprob_chunk(cfg: Mapping[str, Any], ds_cfg: Mapping[str, Any]) -> int:
+    """``train.logprob_chunk``, or 0 (the full logits) under ZeRO-3: ZeRO-3 reduces a parameter's
+    gradient from a hook on each accumulation, and the output projection used by several
+    checkpointed chunks trained wrongly there (tests/test_train.py, token batches under ZeRO-3)."""
+    return 0 if ds_cfg["zero_optimization"]["stage"] == 3 else int(cfg["logprob_chunk"])
+
+
+def forward_logprobs(model, batch: dict, device, packed: bool, chunk: int = 0):
     """Log-probs (B, L - 1) of each target token of ``batch`` (:func:`collate` layout) under ``model``,
-    computed padded or packed (:func:`collate_packed`): the same values up to float rounding."""
+    computed padded or packed (:func:`collate_packed`): the same values up to float rounding.
+
+    ``chunk`` > 0 (``train.logprob_chunk``) and a model whose logits are its output projection of the
+    final hidden states (:func:`drsft.logprob_head.head_of`): the decoder's hidden states go through
+    :func:`drsft.logprob_head.label_logprobs`, which never holds more than ``chunk`` positions'
+    logits; otherwise the model computes its full logits."""
+    from drsft.logprob_head import head_of, label_logprobs
     from drsft.scoring import gather_logprobs
 
+    inner = getattr(model, "module", model)       # a DeepSpeed engine wraps the model
+    head = head_of(inner) if chunk > 0 else None
+    if head is not None and callable(getattr(inner, "get_decoder", None)):
+        decoder = inner.get_decoder()
+        if packed:
+            hidden = decoder(input_ids=batch["packed_ids"].to(device), position_ids=batch["packed_positions"].to(device),
+                             use_cache=False).last_hidden_state
+            lp = label_logprobs(hidden[:, :-1], head, batch["packed_labels"].to(device), chunk)
+            return lp[0][batch["unpack"].to(device)]
+        hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                         position_ids=batch["position_ids"].to(device), use_cache=False).last_hidden_state
+        return label_logprobs(hidden[:, :-1], head, batch["labels"].to(device), chunk)
     if packed:
         logits = model(input_ids=batch["packed_ids"].to(device), position_ids=batch["packed_positions"].to(device),
                        use_cache=False).logits
@@ -924,7 +954,7 @@ def _train_step(run: _Run, step: int) -> dict[str, Any]:
         batch = make_batch([run.examples[i] for i in slot], run.pad_id) if slot else \
             make_batch([run.examples[gidx[0]]], run.pad_id, dummy=True)
         input_tokens += batch["input_tokens"]
-        logp = forward_logprobs(engine, batch, device, cfg["packing"])
+        logp = forward_logprobs(engine, batch, device, cfg["packing"], logprob_chunk(cfg, run.ds_cfg))
         # batching: tokens -- the boundary is ours (a varying number of micro-batches), the loss is not scaled by gas
         normaliser = micro_batch_normaliser(cfg["loss_norm"], run.tokens_global[step], int(batch["mask"].sum()),
                                             run.gas, run.world, by_tokens)
@@ -1002,6 +1032,9 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
     out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
     ds_cfg = deepspeed_config(cfg, world, on_gpu)
     gas = ds_cfg["gradient_accumulation_steps"]
+    if rank == 0 and cfg["logprob_chunk"] and not logprob_chunk(cfg, ds_cfg):
+        log.info("train.logprob_chunk: ZeRO-3 computes the full logits (its gradient hooks and the chunked head's "
+                 "repeated use of the output projection do not mix)")
     if rank == 0 and ds_cfg["zero_optimization"]["stage"] != cfg["zero_stage"]:
         log.info("train.zero_stage %d on a single rank runs as ZeRO stage %d (nothing to partition)",
                  cfg["zero_stage"], ds_cfg["zero_optimization"]["stage"])
@@ -1016,7 +1049,7 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
     questions = read_questions(problems_path) if cfg["prompt_format"] == "question" else None
     end_token = response_end_token(tokenizer, cfg["response_end"])
     examples, dstats = load_examples(data_path, tokenizer, cfg["max_length"], vocab, questions=questions,
-                                     end_token=end_token)
+                                     end_token=end_token, tiers=data_tiers(cfg["data"]))
     check_response_end(cfg["loss"], dstats)
     if cfg["loss"] in ("is", "is_dft") and dstats.known_behaviour == 0 and rank == 0:
         log.warning("loss %s but no row has behaviour_logprobs: every row uses the DFT fallback weight", cfg["loss"])
@@ -1113,6 +1146,7 @@ def _summary(run: _Run, state: dict, dstats: DataStats) -> dict:
         "rows_used": len(run.examples),
         "truncated": dstats.truncated,
         "dropped": dstats.dropped,
+        "other_tiers": dstats.other_tiers,
         "response_end_replaced": dstats.end_changed,
         "response_tokens": int(sum(run.tokens_global)),
         "input_tokens": state["input_tokens"],
@@ -1133,13 +1167,20 @@ def _summary(run: _Run, state: dict, dstats: DataStats) -> dict:
 
 
 def data_file(data_dir: str | os.PathLike, kind: str, fmt: str = "jsonl") -> Path:
-    """``data/train/<kind>.<fmt>`` for ``train.data`` and ``records.format``."""
+    """``data/train/<kind>.<fmt>`` for ``train.data`` and ``records.format``; ``self`` reads the
+    rewritten set (:func:`data_tiers` keeps its self tier)."""
     if kind not in DATA_KINDS:
         raise ParamsError(f"params.yaml: train.data = {kind!r}: expected one of {', '.join(DATA_KINDS)}")
-    return record_file(data_dir, kind, fmt)
+    return record_file(data_dir, "rewritten" if kind == "self" else kind, fmt)
+
+
+def data_tiers(kind: str) -> frozenset[str] | None:
+    """The tiers of the file that ``train.data`` trains on (None: every row): ``self`` is rejection-
+    sampling fine-tuning, the model's own correct samples alone (problems without one are left out)."""
+    return frozenset({"self"}) if kind == "self" else None
 
 
 __all__ = ["TIERS", "Example", "DataStats", "validate_config", "accumulation_steps", "deepspeed_config",
            "lr_factor", "warmup_steps_for", "load_examples", "batch_plan", "micro_slots", "collate",
-           "run_fingerprint", "setup_environment", "weight_summary", "train", "data_file", "build_optimizer",
+           "run_fingerprint", "setup_environment", "weight_summary", "train", "data_file", "data_tiers", "build_optimizer",
            "attention_implementation"]

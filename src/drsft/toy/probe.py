@@ -19,7 +19,13 @@ pipeline uses:
    the expert demonstrations show it, and the model can follow them;
 5. **a realistic gap**: the expert NLL is between ``gap_ratio_min`` and ``gap_ratio_max`` times that
    of the model's own correct solutions and below ``gap_nll_max`` nats/token: off-policy, but not a
-   foreign language.
+   foreign language;
+6. **rewriting brings the data closer** (the paper's premise), per family: as the guided tier holds
+   them, the correct, finished hint-guided re-solves of the problems the model did not solve,
+   scored under the plain prompt it trains them under, are closer to the model than the expert's
+   solutions of the same problems, and farther than its own correct samples (self < guided <
+   expert, per-token NLL); in a headroom family, where the model has (almost) no correct sample of
+   its own, guided < expert alone.
 
 The unguided solve rate on the unsolved problems is 0 by construction on the probe's own samples,
 so a fresh set of samples (another seed) gives the unbiased comparison for property 2.
@@ -50,12 +56,34 @@ def headroom_families(families: Mapping[str, Mapping], c: Mapping) -> list[str]:
             and m["guided_solve_rate"] - m["solve_rate"] >= c["headroom_margin"]]
 
 
+def rewriting_closer(families: Mapping[str, Mapping], headroom: Sequence[str]) -> bool | None:
+    """Property 6 from the per-family NLLs (:func:`probe_world`): in every family with correct guided
+    re-solves, guided < expert on the same problems, and self < guided outside the headroom
+    families. None when the summary predates the guided NLLs (nothing to check)."""
+    if not families or any("nll_guided_correct" not in m for m in families.values()):
+        return None
+    judged = [f for f, m in families.items() if m["nll_guided_correct"] is not None]
+    if not judged:
+        return False
+    for f in judged:
+        m = families[f]
+        if not m["nll_guided_correct"] < m["nll_expert_guided_problems"]:
+            return False
+        if f not in headroom and (m["nll_own_correct"] is None or not m["nll_own_correct"] < m["nll_guided_correct"]):
+            return False
+    return True
+
+
 def world_checks(w: Mapping, c: Mapping) -> dict[str, bool]:
-    """The five properties as flags, from a ``world`` summary (``metrics/prepare.json``) and the
-    ``prepare.probe`` thresholds: a pure function, so a recorded summary can be re-checked."""
+    """The properties as flags, from a ``world`` summary (``metrics/probe.json``) and the
+    ``prepare.probe`` thresholds: a pure function, so a recorded summary can be re-checked. A summary
+    without the guided re-solves' NLLs (recorded before they were measured) has no
+    ``rewriting_closer`` flag."""
     g, f, ne, no, ratio = (w["guided_solve_rate_on_unsolved"], w["unguided_solve_rate_on_unsolved_fresh"],
                            w["nll_expert"], w["nll_own_correct"], w["nll_ratio_expert_to_own"])
+    closer = rewriting_closer(w["families"], headroom_families(w["families"], c))
     return {
+        **({} if closer is None else {"rewriting_closer": closer}),
         "solve_rate_in_range": bool(w["solve_rate"] is not None
                                     and c["solve_rate_min"] <= w["solve_rate"] <= c["solve_rate_max"]),
         "guidance_helps_on_unsolved": bool(
@@ -116,7 +144,7 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
     # Guided re-solves (the expert solution as hint) on every probe problem: per family for
     # property 4, restricted to the unsolved problems for property 2.
     guided_prompts = [render_prompt(tok, p["problem"], prompt_cfg, hint=p["solution"]) for p in probs]
-    _, g_all = run(guided_prompts, probs, int(c["seed"]))
+    g_comps, g_all = run(guided_prompts, probs, int(c["seed"]))
     g_rates = [sum(o) / n for o in g_all]
     _, f_ok = run([plain[i] for i in unsolved], [probs[i] for i in unsolved], int(c["seed"]) + 1)
     guided_rate = _mean([g_rates[i] for i in unsolved])
@@ -132,16 +160,28 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
     own = [(i, plain[i], comp.token_ids) for i, row in enumerate(comps) for comp, good in zip(row, ok[i]) if good]
     lp_expert = score_responses(model, tok, plain, expert_ids)
     lp_own = score_responses(model, tok, [a for _, a, _ in own], [b for _, _, b in own]) if own else []
+    # Property 6: as the guided tier holds them, the correct, finished guided re-solves of the problems
+    # the model did not solve itself, scored under the plain prompt it trains them under.
+    guided = [(i, plain[i], comp.token_ids) for i in unsolved
+              for comp, good in zip(g_comps[i], g_all[i]) if good and comp.finish_reason == "stop"]
+    lp_guided = score_responses(model, tok, [a for _, a, _ in guided], [b for _, _, b in guided]) if guided else []
     nll_expert, nll_own = _token_nll(lp_expert), _token_nll(lp_own)
-    log(f"probe: NLL expert {nll_expert}, own correct {nll_own} ({time.time() - t0:.0f}s)")
+    log(f"probe: NLL expert {nll_expert}, own correct {nll_own}, guided correct {_token_nll(lp_guided)} "
+        f"({time.time() - t0:.0f}s)")
 
     families: dict[str, dict] = {}
     for fam in sorted({p.get("source", "?") for p in probs}):
         idx = [i for i, p in enumerate(probs) if p.get("source", "?") == fam]
         own_f = [lp for (i, _, _), lp in zip(own, lp_own) if probs[i].get("source", "?") == fam]
+        guided_f = [(i, lp) for (i, _, _), lp in zip(guided, lp_guided) if probs[i].get("source", "?") == fam]
+        guided_problems = sorted({i for i, _ in guided_f})
         families[fam] = {"problems": len(idx), "solve_rate": _mean([rates[i] for i in idx]),
                          "guided_solve_rate": _mean([g_rates[i] for i in idx]),
-                         "nll_expert": _token_nll([lp_expert[i] for i in idx]), "nll_own_correct": _token_nll(own_f)}
+                         "nll_expert": _token_nll([lp_expert[i] for i in idx]), "nll_own_correct": _token_nll(own_f),
+                         "own_correct_samples": len(own_f),
+                         "nll_guided_correct": _token_nll([lp for _, lp in guided_f]),
+                         "guided_correct_samples": len(guided_f),
+                         "nll_expert_guided_problems": _token_nll([lp_expert[i] for i in guided_problems])}
     headroom = headroom_families(families, c)
     gap_ratio = nll_expert / nll_own if nll_expert is not None and nll_own else None
     log(f"probe: headroom families {headroom}; expert/own NLL ratio {gap_ratio} ({time.time() - t0:.0f}s)")
@@ -165,7 +205,9 @@ def probe_world(model_dir: str, problems: Sequence[Mapping], prompt_cfg: Mapping
         "nll_expert": nll_expert,
         "nll_own_correct": nll_own,
         "nll_ratio_expert_to_own": gap_ratio,
+        "nll_guided_correct": _token_nll(lp_guided),
         "own_correct_samples": len(own),
+        "guided_correct_samples": len(guided),
     }
     world["checks"] = world_checks(world, c)
     world["seconds"] = round(time.time() - t0, 1)
