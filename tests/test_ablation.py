@@ -128,6 +128,7 @@ ARM_DEFINITIONS = {
     "dr-noguided-dft": ("rewritten", "dft", {"guided_align.n=0"}),
     "dr-sft-keepall": ("rewritten", "sft", {"self_align.keep_per_problem=all"}),
     "dr-dft-keepall": ("rewritten", "dft", {"self_align.keep_per_problem=all"}),
+    "dr-dft-lora": ("rewritten", "dft", {"train.lora.r=8"}),
     "dr-dft-mbnorm": ("rewritten", "dft", {"train.loss_norm=micro_batch_token_mean_sum"}),
     "dr-dft-question": ("rewritten", "dft", {"train.prompt_format=question"}),
     "dr-dft-paper": ("rewritten", "dft", {"train.loss_norm=micro_batch_token_mean_sum", "train.prompt_format=question",
@@ -137,9 +138,9 @@ ARM_DEFINITIONS = {
 
 
 def test_every_arm_trains_on_its_defined_data_loss_and_overrides():
-    from drsft.ablation import IS_ARMS, PARITY_ARMS, TIER_ARMS
+    from drsft.ablation import IS_ARMS, LORA_ARMS, PARITY_ARMS, TIER_ARMS
 
-    arms = ARMS + IS_ARMS + NOGUIDED_ARMS + TIER_ARMS + PARITY_ARMS
+    arms = ARMS + IS_ARMS + NOGUIDED_ARMS + TIER_ARMS + LORA_ARMS + PARITY_ARMS
     assert {a for a, _, _ in arms} == set(ARM_DEFINITIONS)
     [(_, sets, _)] = experiment_groups(list({a[0]: a for a in arms}.values()), [3], "", ())
     for arm, (data, loss, extra) in ARM_DEFINITIONS.items():

@@ -228,7 +228,7 @@ TRAIN = {"data": "rewritten", "loss": "dft", "loss_norm": "global_token_mean", "
          "response_end": "end_of_turn", "is_clip": [0.0, 5.0], "is_level": "token", "zero_stage": 2,
          "lr": 1e-9, "epochs": 1, "micro_batch_size": 2, "global_batch_size": 8, "max_length": 256,
          "warmup_ratio": 0.0, "lr_schedule": "drsft", "weight_decay": 0.0, "weight_decay_1d": False,
-         "drop_last": True, "adam_betas": [0.9, 0.95], "grad_clip": 0.0, "gradient_checkpointing": False,
+         "drop_last": True, "adam_betas": [0.9, 0.95], "grad_clip": 0.0, "lora": {"r": 0, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}, "gradient_checkpointing": False,
          "packing": False, "logprob_chunk": 1024, "attn_implementation": "auto", "batching": "rows", "max_tokens_per_micro_batch": 4096,
          "save_every": 100, "seed": 0}
 N_ROWS = 27    # 3 full global batches of 8; drop_last leaves out the last 3 rows

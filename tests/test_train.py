@@ -35,7 +35,7 @@ TRAIN_CFG = {
     "data": "rewritten", "loss": "is", "loss_norm": "global_token_mean", "prompt_format": "sampling",
     "response_end": "end_of_turn", "weight_decay_1d": False, "drop_last": False, "lr_schedule": "drsft", "is_clip": [0.0, 2.0], "is_level": "token", "zero_stage": 2,
     "lr": 3.0e-3, "epochs": 1, "micro_batch_size": 3, "global_batch_size": 12, "max_length": 96,
-    "warmup_ratio": 0.25, "weight_decay": 0.01, "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "save_every": 2,
+    "warmup_ratio": 0.25, "weight_decay": 0.01, "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "lora": {"r": 0, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}, "save_every": 2,
     "seed": 0, "gradient_checkpointing": False, "packing": False, "logprob_chunk": 1024, "attn_implementation": "auto", "batching": "rows",
     "max_tokens_per_micro_batch": 4096,
 }

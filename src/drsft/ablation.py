@@ -34,6 +34,8 @@ TIER_ARMS = [("rft", "self", "sft"), ("dr-noguided-sft", "rewritten", "sft"), ("
 # its train options together, and with every correct sample kept (the paper's text is silent on it).
 PARITY_ARMS = [("dr-dft-mbnorm", "rewritten", "dft"), ("dr-dft-question", "rewritten", "dft"),
                ("dr-dft-keepall", "rewritten", "dft"), ("dr-dft-paper", "rewritten", "dft")]
+# LoRA adapters (peft, r 8) instead of full fine-tuning, on the rewritten data with DFT.
+LORA_ARMS = [("dr-dft-lora", "rewritten", "dft")]
 PAPER_TRAIN = ("train.loss_norm=micro_batch_token_mean_sum", "train.prompt_format=question", "train.response_end=eos",
                "train.weight_decay_1d=true", "train.drop_last=true", "train.lr_schedule=verl")
 ARM_OVERRIDES = {"dr-noguided-dft": ("guided_align.n=0",), "dr-noguided-sft": ("guided_align.n=0",),
@@ -41,7 +43,8 @@ ARM_OVERRIDES = {"dr-noguided-dft": ("guided_align.n=0",), "dr-noguided-sft": ("
                  "dr-dft-mbnorm": ("train.loss_norm=micro_batch_token_mean_sum",),
                  "dr-dft-question": ("train.prompt_format=question",),
                  "dr-dft-keepall": ("self_align.keep_per_problem=all",),
-                 "dr-dft-paper": PAPER_TRAIN}
+                 "dr-dft-paper": PAPER_TRAIN,
+                 "dr-dft-lora": ("train.lora.r=8",)}
 # The comparisons the optional arms answer: guided re-solving's share, and drsft's IS weights on the
 # rewritten data against the same loss without them (skipped when an arm was not run).
 # The paper's table's other relations (both models: SFT < DR+SFT < DFT < DR+DFT; DFT and DR+DFT above
@@ -50,7 +53,7 @@ RELATION_PAIRS = [("sft", "base"), ("dft", "base"), ("dr-sft", "base"), ("dft", 
 EXTRA_PAIRS = RELATION_PAIRS + [("rft", "sft"), ("rft", "base"), ("dr-sft", "rft"), ("dr-sft", "dr-noguided-sft"),
                                 ("dr-sft-keepall", "dr-sft"), ("dr-dft", "dr-noguided-dft"), ("dr-is", "dr-sft"), ("dr-is-dft", "dr-dft"),
                ("dr-dft-mbnorm", "dr-dft"), ("dr-dft-question", "dr-dft"), ("dr-dft-keepall", "dr-dft"),
-               ("dr-dft-paper", "dr-dft")]
+               ("dr-dft-paper", "dr-dft"), ("dr-dft-lora", "dr-dft")]
 
 
 @functools.lru_cache(maxsize=None)

@@ -46,8 +46,8 @@ from pathlib import Path
 
 import click
 
-from drsft.ablation import (ARM_OVERRIDES, ARMS, EXTRA_PAIRS, IS_ARMS, NOGUIDED_ARMS, PAIRS, PARITY_ARMS,
-                            TIER_ARMS, format_tables, summarize)
+from drsft.ablation import (ARM_OVERRIDES, ARMS, EXTRA_PAIRS, IS_ARMS, LORA_ARMS, NOGUIDED_ARMS, PAIRS,
+                            PARITY_ARMS, TIER_ARMS, format_tables, summarize)
 from drsft.io import iter_jsonl_stream, write_json
 from drsft.params import load_params, pretraining_seed
 from drsft.stats import problem_scores
@@ -358,6 +358,8 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
 @click.option("--with-tiers", is_flag=True,
               help="also run the arms that attribute the benefit of rewriting: rft (the self tier alone), "
                    "dr-noguided-sft, dr-noguided-dft, dr-sft-keepall, dr-dft-keepall")
+@click.option("--with-lora", is_flag=True, help="also run dr-dft-lora (train.lora.r 8: LoRA adapters instead of "
+                                               "full fine-tuning)")
 @click.option("--with-parity", is_flag=True,
               help="also run DR+DFT at the paper code's choices (docs/parity.md): dr-dft-mbnorm, dr-dft-question, "
                    "dr-dft-keepall, dr-dft-paper")
@@ -378,7 +380,7 @@ def ablation(arms, seeds: list[int], tag: str, overrides: tuple[str, ...], jobs:
               help="each seed also pretrains its own base model (prepare.pretrain.seed), so the intervals count "
                    "the model-to-model variation another machine's float path brings [default: on for the "
                    "embedded toy model]")
-def ablation_command(n_seeds, with_is, with_noguided, with_tiers, with_parity, only, table_only, jobs, plots_dir, overrides, tag, n_boot, out,
+def ablation_command(n_seeds, with_is, with_noguided, with_tiers, with_lora, with_parity, only, table_only, jobs, plots_dir, overrides, tag, n_boot, out,
                      skip_existing, worlds):
     """The paper's comparison: the arms x seeds as queued `dvc exp run`s, then
     metrics/ablation.json (means, 95 % intervals, paired differences) and the table."""
@@ -392,14 +394,14 @@ def ablation_command(n_seeds, with_is, with_noguided, with_tiers, with_parity, o
         raise click.UsageError("--worlds redraws the embedded model's pretraining (prepare.pretrain.seed): "
                                f"model.base is {params['model']['base']!r}, not toy")
     arms = ARMS + (IS_ARMS if with_is else []) + (NOGUIDED_ARMS if with_noguided else []) + \
-        (TIER_ARMS if with_tiers else []) + (PARITY_ARMS if with_parity else [])
+        (TIER_ARMS if with_tiers else []) + (LORA_ARMS if with_lora else []) + (PARITY_ARMS if with_parity else [])
     arms = list({a[0]: a for a in arms}.values())    # an arm two options both add runs once
     if only:
         unknown = sorted(set(only) - {a for a, _, _ in arms})
         if unknown:
             raise click.UsageError(f"--arms: unknown arm(s) {', '.join(unknown)}; the selected set is "
                                    f"{', '.join(a for a, _, _ in arms)} (--with-is / --with-noguided / --with-tiers / "
-                                   f"--with-parity add more)")
+                                   f"--with-lora / --with-parity add more)")
         arms = [arm for arm in arms if arm[0] in only]
     base_seed = int(params["train"]["seed"])
     seeds = [base_seed + i for i in range(n_seeds)]

@@ -373,6 +373,23 @@ def _is_clip(value: Any) -> Any:
     return value
 
 
+def _target_modules(value: Any) -> Any:
+    """peft's ``target_modules``: ``all-linear``, or a non-empty list of module names."""
+    if value == "all-linear" or (isinstance(value, list) and value
+                                 and all(isinstance(v, str) and v for v in value)):
+        return value
+    raise ValueError(f"must be 'all-linear' or a list of module names (got {_show(value)})")
+
+
+class LoraSection(_Section):
+    """drsft.train.lora_config: peft LoRA adapters; ``r: 0`` is full fine-tuning."""
+
+    r: NonNegInt
+    alpha: PosNum
+    dropout: Annotated[float, Strict(), Field(ge=0, lt=1, allow_inf_nan=False)]
+    target_modules: Annotated[Any, BeforeValidator(_target_modules)]
+
+
 def _adam_betas(value: Any) -> Any:
     """[beta1, beta2], each in [0, 1)."""
     if (not isinstance(value, list) or len(value) != 2
@@ -402,6 +419,7 @@ class TrainSection(_Section):
     drop_last: Bool                    # drop each epoch's last, short global batch
     adam_betas: Annotated[list, BeforeValidator(_adam_betas)]
     grad_clip: NonNegNum               # 0 = off
+    lora: LoraSection
     gradient_checkpointing: Bool
     packing: Bool                      # a micro-batch's rows as one padding-free packed sequence
     logprob_chunk: NonNegInt           # positions per chunk of the log-prob head; 0: the full logits

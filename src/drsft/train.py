@@ -781,7 +781,11 @@ def _trim_live_history(live_dir: Path, keep_below: int) -> None:
 # The trainer
 
 
-def _save_final_model(engine, model, tokenizer, out_dir: Path, zero_stage: int, rank: int, dist) -> None:
+def _save_final_model(engine, model, tokenizer, out_dir: Path, zero_stage: int, rank: int, dist,
+                      lora: Mapping[str, Any] | None = None, resolved: str | None = None,
+                      trust_remote_code: bool = False) -> None:
+    """The final weights as a plain HF folder beside the tokenizer; with ``lora`` (``r`` > 0) the
+    adapters merged into the base weights (:func:`merged_lora`)."""
     import torch
 
     if zero_stage == 3:
@@ -793,7 +797,11 @@ def _save_final_model(engine, model, tokenizer, out_dir: Path, zero_stage: int, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         with torch.no_grad():
-            model.save_pretrained(tmp, state_dict=state_dict)
+            if lora is not None and lora["r"]:
+                dtype = next(iter(state_dict.values())).dtype
+                merged_lora(resolved, state_dict, lora, dtype, trust_remote_code).save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
@@ -826,6 +834,44 @@ def _checkpoint_dir(ckpt_dir: Path, fp: dict, rank: int, dist) -> None:
     dist.barrier()
 
 
+def lora_config(lora: Mapping[str, Any]):
+    """peft's ``LoraConfig`` for ``train.lora`` (``r`` > 0): adapters on ``target_modules`` (peft's
+    ``all-linear``: every linear layer but the output projection), no bias."""
+    from peft import LoraConfig
+
+    targets = lora["target_modules"]
+    return LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                      target_modules=targets if isinstance(targets, str) else list(targets), bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def with_lora(model, lora: Mapping[str, Any]):
+    """The model itself (``train.lora.r: 0``: full fine-tuning), or the model with LoRA adapters, the
+    only parameters that train (peft; B starts at zero, so the model computes what it did)."""
+    if not lora["r"]:
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(lora))
+
+
+def merged_lora(resolved: str, state_dict: Mapping[str, Any], lora: Mapping[str, Any], dtype,
+                trust_remote_code: bool = False):
+    """A plain model whose weights are the base model's with the trained adapters merged in (the
+    adapters' state from ``state_dict``, the LoRA model's own state as saved): what ``models/trained``
+    holds, so evaluation and vLLM need nothing of peft."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+    peft_model = with_lora(base, lora)
+    missing, unexpected = peft_model.load_state_dict(dict(state_dict), strict=False)
+    adapters = [k for k in missing if "lora_" in k]
+    if adapters or unexpected:
+        raise RuntimeError(f"train.lora: the trained state does not fit the LoRA model: missing {adapters[:3]}, "
+                           f"unexpected {list(unexpected)[:3]}")
+    return peft_model.merge_and_unload()
+
+
 def _build_engine(cfg: Mapping[str, Any], ds_cfg: dict, resolved: str, on_gpu: bool, total_steps: int,
                   trust_remote_code: bool = False, attn: str | None = None):
     """The model (ZeRO-3: partitioned while loading; ``attn``: its attention implementation, None for
@@ -847,8 +893,11 @@ def _build_engine(cfg: Mapping[str, Any], ds_cfg: dict, resolved: str, on_gpu: b
     model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  **({"attn_implementation": attn} if attn else {}))
     model.config.use_cache = False
+    model = with_lora(model, cfg["lora"])
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
+        if cfg["lora"]["r"]:
+            model.enable_input_require_grads()   # frozen embeddings: checkpointed blocks still need an input grad
     model.train()
     optimizer = build_optimizer(model, cfg)
 
@@ -1116,7 +1165,8 @@ def train(cfg: Mapping[str, Any], data_path: str | os.PathLike, model_dir: str |
         dist.barrier()
         return None
 
-    _save_final_model(engine, engine.module, tokenizer, out_dir, cfg["zero_stage"], rank, dist)
+    _save_final_model(engine, engine.module, tokenizer, out_dir, cfg["zero_stage"], rank, dist, cfg["lora"], resolved,
+                      trust_remote_code)
     metrics = _summary(run, state, dstats)
     # what this run did and how long it took: beside the metrics, not in them (drsft.io.write_run_info)
     run_info = {"train_time_s": state["train_time_s"],

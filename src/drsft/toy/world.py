@@ -45,7 +45,12 @@ and the expert data carries knowledge the model lacks: the paper's situation, wh
 meant to exploit (guided re-solves keep the method in the model's own style). A small share
 ``misconceived_textbook_frac`` of its plain examples are its textbook solutions: the right method,
 read but not practised; without them the expert's precedence text is unread (~4 nats/token) and
-the gap far above a real base model's.
+the gap far above a real base model's. The rest of its plain model-style answers (``1 -
+misconception_rate``) use the right method: rare enough that the model rarely solves the family on
+its own, present enough that its own right-method text is not foreign to it. With none (a rate of
+1) the model's hint-guided re-solves, in its own style, are *farther* from it under the plain
+prompt than the expert's textbook text (the probe's ``rewriting_closer`` fails in precedence), the
+reverse of the paper's premise; and no training arm learned the family.
 
 Splits (:func:`make_world`): ``train`` problems (mixed families), one held-out benchmark per family
 named ``toy_<family>``, and a pretraining corpus whose problems are disjoint (by problem text) from
